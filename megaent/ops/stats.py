@@ -1,0 +1,57 @@
+"""Masked statistics whose means are global over a process group.
+
+The building block of Clip-Cov / KL-Cov and of the metrics: a token-mean over
+"all valid tokens of the mini-batch" must not depend on how those tokens are
+split over data-parallel ranks. Every function here reduces its sums and
+counts over `group` (None = single process), so each rank gets the statistic
+of the concatenated batch.
+
+Gradients: the value is global, and the gradient flows to this rank's `x`
+as d(global statistic)/d(local x) (other ranks' contributions are constants
+here; their own ranks get their own share). No collective in backward.
+Empty masks give 0, never NaN. Variance and covariance are population
+(biased, divide by N) statistics, as in the paper's Eq. for Cov over tokens.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+Group = Optional[dist.ProcessGroup]
+
+
+def global_sum(x: torch.Tensor, group: Group = None) -> torch.Tensor:
+    """Sum of `x` over `group`, differentiable w.r.t. the local `x` (1 all-reduce)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    total = x.detach().clone()
+    dist.all_reduce(total, group=group)
+    return x + (total - x.detach())
+
+
+def masked_sum_count(x: torch.Tensor, mask: torch.Tensor, group: Group = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(global sum of x over mask, global count of mask) in fp32; 1 all-reduce of a 2-vector."""
+    m = mask.to(torch.float32)
+    local = torch.stack([(x.to(torch.float32) * m).sum(), m.sum()])
+    both = global_sum(local, group)
+    return both[0], both[1]
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, group: Group = None) -> torch.Tensor:
+    """Mean of x over mask across `group`: 0-d fp32; 0 when no rank has a valid element."""
+    s, n = masked_sum_count(x, mask, group)
+    return s / n.clamp(min=1.0)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, group: Group = None) -> torch.Tensor:
+    """Population variance of x over mask across `group` (2 all-reduces)."""
+    return masked_cov(x, x, mask, group)
+
+
+def masked_cov(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, group: Group = None) -> torch.Tensor:
+    """Population covariance of x and y over mask across `group`: 0-d fp32 (2 all-reduces)."""
+    mx = masked_mean(x, mask, group)
+    my = masked_mean(y, mask, group)
+    return masked_mean((x.to(torch.float32) - mx) * (y.to(torch.float32) - my), mask, group)

@@ -1,0 +1,129 @@
+"""The one object that owns the process groups: `ParallelState`.
+
+`init_parallel(tp, pp)` starts torch.distributed (gloo on CPU, NCCL on GPU)
+from the launch environment and builds megatron-core's tensor/pipeline/data
+groups. Only this package touches megatron-core's global `parallel_state`;
+everything else receives groups explicitly from the `ParallelState`.
+
+Rank layout (megatron-core's default order tp-dp-pp): TP is the fastest axis,
+then DP, then PP, so a TP group is contiguous ranks and PP stages are far apart.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megaent.parallel.launch import LaunchEnv, read_launch_env
+
+log = logging.getLogger(__name__)
+
+
+class ParallelError(RuntimeError):
+    """A launch or layout problem the user must fix (message says how)."""
+
+
+@dataclass
+class ParallelState:
+    """Process groups and coordinates of this rank in the TP x PP x DP grid."""
+
+    rank: int
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    tp_group: Optional[dist.ProcessGroup]
+    pp_group: Optional[dist.ProcessGroup]
+    dp_group: Optional[dist.ProcessGroup]
+    mp_group: Optional[dist.ProcessGroup]  # TP x PP: one model replica
+    embedding_group: Optional[dist.ProcessGroup]  # first + last stage (tied embeddings)
+    pp_ranks: list[int] = field(default_factory=list)  # global ranks of my pipeline, by stage
+    dp_ranks: list[int] = field(default_factory=list)  # global ranks of my DP group
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    backend: str = "gloo"
+    launch: Optional[LaunchEnv] = None
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+    def prev_stage_rank(self) -> int:
+        return self.pp_ranks[self.pp_rank - 1]
+
+    def next_stage_rank(self) -> int:
+        return self.pp_ranks[self.pp_rank + 1]
+
+
+def _pick_backend(backend: str) -> str:
+    if backend == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not (torch.cuda.is_available() and dist.is_nccl_available()):
+        raise ParallelError("parallel.backend=nccl needs CUDA GPUs and an NCCL build of torch; "
+                            "use parallel.backend=gloo (or auto) on CPU")
+    return backend
+
+
+def init_parallel(tp: int = 1, pp: int = 1, *, backend: str = "auto", timeout_s: int = 1800) -> ParallelState:
+    """Initialise torch.distributed and the TP/PP/DP groups; DP = world / (TP * PP).
+
+    Reads torchrun or Slurm variables (see `megaent.parallel.launch`); a bare
+    process becomes a world of one. Safe to call when the default group exists.
+    """
+    from megatron.core import parallel_state as mps
+
+    env = read_launch_env()
+    if env.world_size % (tp * pp) != 0:
+        raise ParallelError(f"world size {env.world_size} is not divisible by parallel.tp * parallel.pp = "
+                            f"{tp} * {pp}; launch a multiple of {tp * pp} processes or change parallel.tp/pp")
+    backend = _pick_backend(backend)
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", env.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}", rank=env.rank,
+                                world_size=env.world_size, timeout=datetime.timedelta(seconds=timeout_s))
+    if mps.model_parallel_is_initialized():
+        mps.destroy_model_parallel()
+    mps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                  distributed_timeout_minutes=max(1, timeout_s // 60))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    state = ParallelState(
+        rank=rank, world_size=world, tp=tp, pp=pp, dp=world // (tp * pp),
+        tp_rank=mps.get_tensor_model_parallel_rank(), pp_rank=mps.get_pipeline_model_parallel_rank(),
+        dp_rank=mps.get_data_parallel_rank(),
+        tp_group=mps.get_tensor_model_parallel_group(), pp_group=mps.get_pipeline_model_parallel_group(),
+        dp_group=mps.get_data_parallel_group(), mp_group=mps.get_model_parallel_group(),
+        embedding_group=mps.get_embedding_group(check_initialized=False),
+        pp_ranks=list(dist.get_process_group_ranks(mps.get_pipeline_model_parallel_group())),
+        dp_ranks=list(dist.get_process_group_ranks(mps.get_data_parallel_group())),
+        device=device, backend=backend, launch=env,
+    )
+    log.debug("rank %d: tp %d/%d pp %d/%d dp %d/%d", rank, state.tp_rank, tp, state.pp_rank, pp, state.dp_rank,
+              state.dp)
+    return state
+
+
+def destroy_parallel() -> None:
+    """Tear down megatron-core groups and the default process group."""
+    from megatron.core import parallel_state as mps
+
+    if mps.model_parallel_is_initialized():
+        mps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,1 @@
+"""megaent.trainer."""
