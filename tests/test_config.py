@@ -67,3 +67,21 @@ def test_cli_typo_exits_2(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "optimizer.lr" in proc.stderr and "did you mean" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_base_chain_and_recipes(tmp_path):
+    """`base:` layers a recipe on another; every shipped config loads and validates."""
+    import glob
+
+    c = load_config("configs/qwen2.5-32b-kl-cov.yaml")
+    assert (c.algorithm.policy_loss, c.algorithm.kl_cov_ratio, c.optimizer.lr) == ("kl_cov", 2e-4, 1e-6)
+    assert (c.parallel.tp, c.parallel.pp, c.trainer.prompts_per_step, c.trainer.mini_batch_size) == (8, 2, 256, 32)
+    for f in glob.glob("configs/*.yaml"):
+        load_config(f)
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml not found"):
+        load_config(tmp_path / "c.yaml")

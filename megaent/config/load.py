@@ -63,6 +63,28 @@ def _parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def _yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, DictConfig]]:
+    """The YAML at `path` preceded by its `base:` chain (a path relative to the file), base first.
+
+    `base:` lets a recipe override another without restating it (configs/*-clip-cov.yaml build on *-grpo.yaml).
+    """
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: `base:` chain loops back to itself")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as exc:  # yaml syntax
+        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
+    base = loaded.pop("base", None)
+    if base is None:
+        return [(path, loaded)]
+    base_path = (path.parent / str(base))
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: base: {base} not found (looked for {base_path})")
+    return _yaml_chain(base_path, seen + (path.resolve(),)) + [(path, loaded)]
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Schema defaults <- YAML file <- `key=value` overrides -> validated `Config`.
 
@@ -74,14 +96,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} not found; pass an existing YAML, e.g. configs/demo.yaml")
-        try:
-            loaded = OmegaConf.load(path)
-        except Exception as exc:  # yaml syntax
-            raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-        try:
-            cfg = OmegaConf.merge(cfg, loaded)
-        except OmegaConfBaseException as exc:
-            raise _error_from(exc, str(path)) from None
+        for layer_path, layer in _yaml_chain(path):
+            try:
+                cfg = OmegaConf.merge(cfg, layer)
+            except OmegaConfBaseException as exc:
+                raise _error_from(exc, str(layer_path)) from None
     for text in overrides:
         key, value = _parse_override(text)
         try:
