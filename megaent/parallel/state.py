@@ -127,3 +127,21 @@ def destroy_parallel() -> None:
         mps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def singleton_state(state: ParallelState) -> ParallelState:
+    """A world-of-one view of this rank (TP = PP = DP = 1 over a group holding only itself).
+
+    For work every rank does alone, e.g. a full inference copy of the policy for rollouts when the trainer is
+    pipeline-parallel. Collective: every rank creates every singleton group (torch requires all ranks to take
+    part in each `new_group`).
+    """
+    mine = None
+    for r in range(state.world_size):
+        g = dist.new_group([r])
+        if r == state.rank:
+            mine = g
+    return ParallelState(rank=0, world_size=1, tp=1, pp=1, dp=1, tp_rank=0, pp_rank=0, dp_rank=0,
+                         tp_group=mine, pp_group=mine, dp_group=mine, mp_group=mine, embedding_group=None,
+                         pp_ranks=[state.rank], dp_ranks=[state.rank], device=state.device, backend=state.backend,
+                         launch=state.launch)

@@ -1,0 +1,116 @@
+"""The rollout phase of an RL step: prompts -> samples on every rank, whatever the engine.
+
+Engines (rollout.engine):
+- embedded, PP = 1: the engine runs on the training policy itself (no weight copy, no sync). Each DP replica
+  samples its share of the prompts, all TP ranks of a replica in lockstep; the shares are all-gathered over DP.
+- embedded, PP > 1: a stage holds only some layers, so every rank keeps a full inference copy (TP = 1, a world
+  of one) reloaded from `rollout_weights/` after each update (fine for the CPU demo; GPU runs use SGLang).
+- http / sglang: rank 0 talks to the servers (`megaent serve` or SGLang) and broadcasts the samples; weights go
+  to the servers through `save_hf` + `/update_weights_from_disk`.
+Every rank returns the same `list[list[Sample]]`, so the later phases are SPMD without further messages.
+
+Sampling seeds are derived from (trainer.seed, step, round, replica), so a resumed run draws the same samples.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch.distributed as dist
+
+from megaent.config import RolloutConfig
+from megaent.parallel import ParallelState, singleton_state
+from megaent.rollout.types import Sample, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+def _seed(*parts: int) -> int:
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (p + 0x632BE59BD9B4E019 + (h << 6) + (h >> 2))) & ((1 << 62) - 1)
+    return h
+
+
+class RolloutPhase:
+    """Generates samples for a list of prompts on all ranks; `sync()` pushes new weights after an update."""
+
+    def __init__(self, cfg: RolloutConfig, *, policy: Any, state: ParallelState, hf_dir: str, run_dir: Path,
+                 eos_token_ids: Sequence[int], seed: int) -> None:
+        self.cfg, self.policy, self.state, self.seed = cfg, policy, state, seed
+        self.eos = [int(t) for t in eos_token_ids]
+        self.weights_dir = run_dir / "rollout_weights"
+        self.client: Any = None
+        self.engine: Any = None
+        self.servers: Any = None
+        if cfg.engine == "embedded":
+            from megaent.rollout.embedded import EmbeddedEngine
+
+            if state.pp == 1:
+                self.engine = EmbeddedEngine(policy, state, eos_token_ids=self.eos, seed=seed)
+            else:
+                self._solo = singleton_state(state)
+                self.engine = EmbeddedEngine.from_hf(hf_dir, self._solo, eos_token_ids=self.eos, seed=seed)
+        elif state.rank == 0:
+            from megaent.rollout.client import SGLangClient
+
+            urls = list(cfg.urls)
+            if cfg.engine == "sglang":
+                from megaent.rollout.launcher import launch_sglang
+
+                self.servers = launch_sglang(hf_dir, n_servers=1, tp=cfg.sglang_tp,
+                                             mem_fraction=cfg.sglang_mem_fraction)
+                urls = list(self.servers.urls)
+            self.client = SGLangClient(urls, timeout_s=cfg.request_timeout_s)
+
+    @property
+    def shares_policy(self) -> bool:
+        return self.cfg.engine == "embedded" and self.state.pp == 1
+
+    def params(self, *, seed: int) -> SamplingParams:
+        c = self.cfg
+        return SamplingParams(n=c.n_samples, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
+                              top_p=c.top_p, top_k=c.top_k, stop_token_ids=tuple(self.eos), seed=seed)
+
+    def generate(self, prompts: list[list[int]], *, step: int, round_: int = 0) -> list[list[Sample]]:
+        """Collective: samples[i][j] = j-th sample of prompt i, identical on every rank."""
+        st = self.state
+        if self.cfg.engine != "embedded":
+            out: list[Any] = [None]
+            if st.rank == 0:
+                out[0] = self.client.generate(prompts, self.params(seed=_seed(self.seed, step, round_)))
+            if st.world_size > 1:
+                dist.broadcast_object_list(out, src=0)
+            return out[0]
+        # Embedded: each DP replica samples a contiguous share; its seed names (step, round, share) so the
+        # result does not depend on which rank computed it.
+        bounds = [len(prompts) * d // st.dp for d in range(st.dp + 1)]
+        mine = prompts[bounds[st.dp_rank]:bounds[st.dp_rank + 1]]
+        local = self.engine.generate(mine, self.params(seed=_seed(self.seed, step, round_, st.dp_rank))) if mine \
+            else []
+        if st.dp == 1:
+            return local
+        shares: list[Any] = [None] * st.dp
+        dist.all_gather_object(shares, local, group=st.dp_group)
+        return [s for share in shares for s in share]
+
+    def sync(self, *, step: int) -> str:
+        """Collective: make the engine sample from the updated policy; returns the route taken."""
+        if self.shares_policy:
+            return "shared"
+        from megaent.model import save_hf
+
+        out = save_hf(self.policy, self.state, self.weights_dir)
+        if dist.is_initialized() and self.state.world_size > 1:
+            dist.barrier()
+        if self.engine is not None:
+            self.engine.load_weights(out)
+            return "disk-copy"
+        if self.state.rank == 0:
+            self.client.update_weights_from_disk(str(Path(out).resolve()), weight_version=str(step))
+        return "disk"
+
+    def close(self) -> None:
+        if self.servers is not None:
+            self.servers.stop()
