@@ -1,0 +1,221 @@
+"""`EmbeddedEngine`: batched sampling on the megaent Policy in this process (any TP, PP = 1).
+
+One decode loop serves many requests at once (`generate_many`), each with its
+own sampling options: rows are prompt x sample, prompts are left-padded to one
+length and masked with a key-padding `attention_mask`, the KV cache is
+preallocated for prompt + max new tokens, and every per-row option
+(temperature, top-p, top-k, stop ids, max new tokens, random stream) is a
+tensor, so a decode step is one forward plus a fixed number of batched ops,
+never a Python loop over rows. Rows that finish stop appending at once; when
+at least half of the live rows have finished, the batch (KV cache included)
+is compacted so they stop costing compute too.
+
+Tensor parallelism: every TP rank runs this same loop in lockstep. The last
+position's vocab-sharded logits [B, Vl] are all-gathered over `tp_group` (one
+all-gather per step, B x V floats) and every rank samples from the same full
+logits with the same counter-based random numbers (`sampling.counter_uniform`),
+so all ranks draw the same tokens without a broadcast.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megaent.rollout.engine import check_prompts
+from megaent.rollout.sampling import counter_uniform, row_keys, sample_next
+from megaent.rollout.types import RolloutError, Sample, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+def gather_vocab(logits: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """logits [B, Vl] (this TP rank's vocab shard) -> [B, Vl * TP] in vocab order; one all-gather on `group`."""
+    if group is None or dist.get_world_size(group) == 1:
+        return logits
+    parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, logits.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+def read_eos_ids(hf_dir: str | Path) -> list[int]:
+    """EOS token ids from config.json / generation_config.json (int or list); [] when absent."""
+    ids: list[int] = []
+    for name in ("generation_config.json", "config.json"):
+        f = Path(hf_dir) / name
+        if f.exists():
+            eos = json.loads(f.read_text()).get("eos_token_id")
+            for t in (eos if isinstance(eos, list) else [eos]):
+                if isinstance(t, int) and t not in ids:
+                    ids.append(t)
+    return ids
+
+
+@dataclass
+class _Rows:
+    """Per-row state of one decode batch (all tensors [B] unless noted)."""
+
+    out_row: torch.Tensor  # index into the output buffers
+    temperature: torch.Tensor
+    top_p: torch.Tensor
+    top_k: torch.Tensor
+    max_new: torch.Tensor
+    stop_ids: torch.Tensor  # [B, K] int64, -1 padded
+    keys: torch.Tensor  # random-stream keys
+    mask: torch.Tensor  # [B, P + M] bool key-padding mask
+    next_pos: torch.Tensor  # position id of the next token
+
+    def select(self, idx: torch.Tensor) -> "_Rows":
+        return _Rows(**{k: v.index_select(0, idx) for k, v in self.__dict__.items()})
+
+
+class EmbeddedEngine:
+    """In-process rollout engine on a megaent `Policy` (PP = 1).
+
+    `generate(prompts, params)` implements `RolloutEngine`. When it shares the
+    trainer's policy object, weight sync is a no-op. Randomness: a request with
+    `params.seed` draws from streams keyed by (seed, prompt index, sample index),
+    reproducible across calls, batch compositions and TP sizes; without a seed
+    the engine draws a fresh seed from its own `torch.Generator(seed)`.
+    """
+
+    def __init__(self, policy: Any, state: Any, *, eos_token_ids: Sequence[int] = (), seed: int = 0,
+                 max_batch_rows: int = 256, pad_token_id: int = 0) -> None:
+        if getattr(state, "pp", 1) != 1:
+            raise RolloutError(f"the embedded engine needs parallel.pp=1 (got pp={state.pp}); use "
+                               "rollout.engine=http with `megaent serve` for pipeline-parallel training")
+        self.policy = policy
+        self.state = state
+        self.eos_token_ids = [int(t) for t in eos_token_ids]
+        self.max_batch_rows = max_batch_rows
+        self.pad_token_id = pad_token_id
+        self._seed_gen = torch.Generator().manual_seed(seed)
+
+    @classmethod
+    def from_hf(cls, hf_dir: str | Path, state: Any, *, dtype: torch.dtype = torch.float32, **kw: Any
+                ) -> "EmbeddedEngine":
+        from megaent.model import load_hf
+
+        return cls(load_hf(str(hf_dir), state, dtype=dtype), state, eos_token_ids=read_eos_ids(hf_dir), **kw)
+
+    def load_weights(self, hf_dir: str | Path) -> None:
+        """Replace the policy by the checkpoint at `hf_dir` (same layout and dtype)."""
+        from megaent.model import load_hf
+
+        self.policy = load_hf(str(hf_dir), self.state, dtype=self.policy.dtype)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.policy.vocab_size)
+
+    # ---------------------------------------------------------------- public API
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Sample]]:
+        """samples[i][j] = j-th of params.n samples of prompt i."""
+        return self.generate_many([(prompts, params)])[0]
+
+    def generate_many(self, jobs: Sequence[tuple[Sequence[Sequence[int]], SamplingParams]]
+                      ) -> list[list[list[Sample]]]:
+        """Several requests, each (prompts, params), decoded together; result[r][i][j] as in `generate`."""
+        rows: list[tuple[int, int, int, list[int], SamplingParams, int]] = []  # (job, prompt, j, ids, params, seed)
+        shaped: list[list[list[Optional[Sample]]]] = []
+        for r, (prompts, params) in enumerate(jobs):
+            ids = check_prompts(prompts, vocab_size=self.vocab_size)
+            seed = params.seed if params.seed is not None else int(
+                torch.randint(0, 2**62, (1,), generator=self._seed_gen))
+            shaped.append([[None] * params.n for _ in ids])
+            rows += [(r, i, j, p, params, seed) for i, p in enumerate(ids) for j in range(params.n)]
+        # Similar prompt lengths share a chunk, so little padding is computed.
+        order = sorted(range(len(rows)), key=lambda k: len(rows[k][3]))
+        for start in range(0, len(order), self.max_batch_rows):
+            chunk = [rows[k] for k in order[start:start + self.max_batch_rows]]
+            for (r, i, j, *_), s in zip(chunk, self._decode(chunk)):
+                shaped[r][i][j] = s
+        return shaped  # type: ignore[return-value]
+
+    # ---------------------------------------------------------------- decode loop
+    def _build_rows(self, chunk: list, p_len: int, m: int, device: torch.device) -> tuple[_Rows, torch.Tensor]:
+        b = len(chunk)
+        input_ids = torch.full((b, p_len), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(b, p_len + m, dtype=torch.bool)
+        stops = []
+        for k, (_, _, _, ids, params, _) in enumerate(chunk):  # host-side setup, once per batch
+            input_ids[k, p_len - len(ids):] = torch.tensor(ids)
+            mask[k, p_len - len(ids):p_len] = True
+            stops.append(list(params.stop_token_ids) + ([] if params.ignore_eos else self.eos_token_ids))
+        width = max(1, max(len(s) for s in stops))
+        stop_ids = torch.tensor([s + [-1] * (width - len(s)) for s in stops], dtype=torch.long)
+        f = lambda attr, dt: torch.tensor([getattr(c[4], attr) for c in chunk], dtype=dt)  # noqa: E731
+        rows = _Rows(
+            out_row=torch.arange(b), temperature=f("temperature", torch.float32), top_p=f("top_p", torch.float32),
+            top_k=f("top_k", torch.long), max_new=f("max_new_tokens", torch.long), stop_ids=stop_ids,
+            keys=row_keys(torch.tensor([c[5] for c in chunk]), torch.tensor([c[1] for c in chunk]),
+                          torch.tensor([c[2] for c in chunk])),
+            mask=mask, next_pos=mask.sum(-1))
+        return _Rows(**{k: v.to(device) for k, v in rows.__dict__.items()}), input_ids.to(device)
+
+    def _last_logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
+                     cache: Any) -> torch.Tensor:
+        """Forward the new tokens; full-vocabulary logits of the last position [B, V] (one TP all-gather)."""
+        hidden = self.policy.final_hidden(input_ids, position_ids, attention_mask=mask, kv_cache=cache)
+        logits = self.policy.compute_logits(hidden[:, -1:])[:, 0]  # [B, Vl]: the head only on the last position
+        return gather_vocab(logits, self.state.tp_group if self.state.tp > 1 else None)[:, :self.vocab_size]
+
+    @torch.no_grad()
+    def _decode(self, chunk: list) -> list[Sample]:
+        from megaent.model.cache import new_kv_cache
+
+        device = self.state.device
+        b0 = len(chunk)
+        p_len = max(len(c[3]) for c in chunk)
+        m = max(c[4].max_new_tokens for c in chunk)
+        rows, input_ids = self._build_rows(chunk, p_len, m, device)
+        any_trunc = any(c[4].top_p < 1.0 or c[4].top_k > 0 for c in chunk)
+        out_tok = torch.zeros(b0, m, dtype=torch.long, device=device)
+        out_lp = torch.zeros(b0, m, dtype=torch.float32, device=device)
+        out_len = torch.zeros(b0, dtype=torch.long, device=device)
+        stopped = torch.zeros(b0, dtype=torch.bool, device=device)
+
+        cache = new_kv_cache(self.policy, b0, p_len + m)
+        positions = (rows.mask[:, :p_len].long().cumsum(-1) - 1).clamp_(min=0)
+        logits = self._last_logits(input_ids, positions, rows.mask[:, :p_len], cache)
+        live = torch.ones(b0, dtype=torch.bool, device=device)
+        for t in range(m):
+            tok, lp = sample_next(logits, temperature=rows.temperature, top_p=rows.top_p, top_k=rows.top_k,
+                                  uniform=counter_uniform(rows.keys, t), need_truncation=any_trunc)
+            tok = torch.where(live, tok, self.pad_token_id)
+            out_tok[rows.out_row, t] = tok
+            out_lp[rows.out_row, t] = lp
+            out_len[rows.out_row] += live.long()
+            hit = (tok.unsqueeze(-1) == rows.stop_ids).any(-1) & live
+            stopped[rows.out_row] |= hit
+            live = live & ~hit & (t + 1 < rows.max_new)
+            n_live = int(live.sum())  # one host sync per step: lets finished rows stop costing compute
+            if n_live == 0 or t + 1 == m:
+                break
+            if n_live <= live.numel() // 2:
+                idx = live.nonzero().squeeze(-1)
+                rows, tok, live = rows.select(idx), tok.index_select(0, idx), live.index_select(0, idx)
+                cache.select_(idx)
+            rows.mask[:, p_len + t] = True
+            logits = self._last_logits(tok.unsqueeze(-1), rows.next_pos.unsqueeze(-1), rows.mask[:, :p_len + t + 1],
+                                       cache)
+            rows.next_pos += 1
+        return self._to_samples(chunk, out_tok.cpu(), out_lp.cpu(), out_len.cpu(), stopped.cpu())
+
+    @staticmethod
+    def _to_samples(chunk: list, tok: torch.Tensor, lp: torch.Tensor, length: torch.Tensor,
+                    stopped: torch.Tensor) -> list[Sample]:
+        toks, lps, lens, stops = tok.tolist(), lp.tolist(), length.tolist(), stopped.tolist()
+        out = []
+        for k, c in enumerate(chunk):
+            n = lens[k]
+            ids = toks[k][:n]
+            out.append(Sample(prompt_ids=c[3], output_ids=ids, logprobs=lps[k][:n],
+                              finish_reason="stop" if stops[k] else "length",
+                              matched_stop=ids[-1] if stops[k] else None))
+        return out
