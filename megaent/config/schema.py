@@ -220,6 +220,14 @@ class SlurmConfig:
     """Job name."""
     signal_before_s: int = 120
     """Seconds before the limit at which USR1 asks for a checkpoint and requeue."""
+    rollout_port: int = 30000
+    """Port of the rollout server on each rollout node (URLs go to RUN_DIR/rollout_hosts.txt)."""
+    rollout_wait_s: int = 1800
+    """Seconds the job waits for the rollout servers' /health before it gives up."""
+    extra_sbatch: list[str] = field(default_factory=list)
+    """Extra sbatch options, one per entry (e.g. ["--qos=high", "--constraint=h100"])."""
+    setup: str = ""
+    """Shell lines run before srun (e.g. "source ~/venv/bin/activate"; module loads)."""
 
 
 @dataclass
