@@ -52,7 +52,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from megaent.model.convert import convert
 
-    convert(args.src, args.dst, tp=args.tp, pp=args.pp)
+    convert(args.src, args.dst, tp=args.tp, pp=args.pp, to=args.to)
     return 0
 
 
@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst")
     c.add_argument("--tp", type=int, default=1, help="tensor-parallel layout to load through (default 1)")
     c.add_argument("--pp", type=int, default=1, help="pipeline-parallel layout to load through (default 1)")
+    c.add_argument("--to", choices=["hf", "megaent"], default=None,
+                   help="target format (default: the other one; --to hf on a HF source is a round trip)")
     c.set_defaults(fn=_cmd_convert)
 
     sb = sub.add_parser("submit", help="render and submit the Slurm job", add_help=False)

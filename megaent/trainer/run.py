@@ -1,0 +1,86 @@
+"""Entry points behind `megaent train`: build the parallel state and run directory, run, tear down.
+
+Run directory: `trainer.run_dir`, or `runs/<config name>-<YYYYmmdd-HHMMSS>` chosen by rank 0 and broadcast.
+A run directory that already holds a complete checkpoint is resumed automatically (what a requeued Slurm job
+relies on); `megaent train --resume RUN_DIR` does the same from the run's own `config.yaml`.
+Exit codes: 0 done, 2 user error (bad config, missing file, unwritable run dir), 3 stopped by a signal after
+checkpointing (requeue me).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch.distributed as dist
+
+from megaent.config import Config, ConfigError, load_config, to_yaml
+
+log = logging.getLogger(__name__)
+
+
+def _decide_run_dir(cfg: Config, config_path: Optional[str], rank: int, world: int) -> Path:
+    choice = [cfg.trainer.run_dir]
+    if not choice[0] and rank == 0:
+        stem = Path(config_path).stem if config_path else "run"
+        choice[0] = str(Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if world > 1:
+        dist.broadcast_object_list(choice, src=0)
+    return Path(choice[0])
+
+
+def _prepare_run_dir(run_dir: Path, cfg: Config, rank: int) -> None:
+    if rank == 0:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(f"trainer.run_dir={str(run_dir)!r}: cannot write there ({exc.strerror}); "
+                              "choose a writable directory") from None
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+
+
+def train(cfg: Config, *, config_path: Optional[str] = None) -> int:
+    """Run (or continue) training for `cfg`; collective over all launched ranks."""
+    from megaent.parallel import destroy_parallel, init_parallel
+    from megaent.trainer.trainer import Trainer
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    state = init_parallel(cfg.parallel.tp, cfg.parallel.pp, backend=cfg.parallel.backend,
+                          timeout_s=cfg.parallel.timeout_s)
+    trainer = None
+    try:
+        run_dir = _decide_run_dir(cfg, config_path, state.rank, state.world_size)
+        cfg.trainer.run_dir = str(run_dir)
+        ok = [True]
+        try:
+            _prepare_run_dir(run_dir, cfg, state.rank)
+        except ConfigError:
+            ok = [False]
+            raise
+        finally:
+            if state.world_size > 1:
+                dist.broadcast_object_list(ok, src=0)
+            if not ok[0] and state.rank != 0:
+                raise ConfigError(f"trainer.run_dir={str(run_dir)!r} is not writable (see rank 0)")
+        if state.rank == 0:
+            log.info("run directory %s", run_dir)
+        trainer = Trainer(cfg, run_dir=run_dir, state=state)
+        return trainer.fit()
+    finally:
+        if trainer is not None:
+            trainer.close()
+        destroy_parallel()
+
+
+def resume(run_dir: str, *, overrides: Sequence[str] = ()) -> int:
+    """`megaent train --resume RUN_DIR [key=value ...]`: the run's own config (+ overrides), same run dir."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--resume {run_dir}: no config.yaml there; pass a run directory written by megaent train")
+    cfg = load_config(path, list(overrides) + [f"trainer.run_dir={run_dir}"])
+    return train(cfg, config_path=str(path))

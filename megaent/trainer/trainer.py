@@ -1,0 +1,244 @@
+"""The RL loop (DESIGN.md "Data flow of one RL step"), one linear method per phase.
+
+    rollout -> rewards -> group filter -> advantages -> old log-probs (+ entropy, covariance metrics)
+      -> ppo_epochs x mini-batch updates -> entropy-dynamics check -> weight sync -> metrics -> checkpoint
+
+SPMD: every rank runs this same code. The prompt stream is deterministic and identical on all ranks, rollouts
+return the same samples everywhere (see `rollout_phase`), rewards are scored on rank 0 and broadcast, and each
+DP replica trains on its share of the GRPO groups. Randomness is explicit: sampling and Clip-Cov draw from
+seeds derived from (trainer.seed, step, ...), so a resumed run continues exactly.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from megaent.algorithms import compute_advantages
+from megaent.config import Config
+from megaent.parallel import ParallelState
+from megaent.trainer import components
+from megaent.trainer.batching import TrainSample, make_micro_batches, partition_groups
+from megaent.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from megaent.trainer.dynamics import EntropyDynamics
+from megaent.trainer.metrics import MetricsSink, Progress, truncate_metrics
+from megaent.trainer.rollout_phase import RolloutPhase
+from megaent.trainer.signals import StopFlag
+from megaent.trainer.state_dict import canonical_state, finish_load
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_REQUEUE = 0, 3
+
+
+class Trainer:
+    def __init__(self, cfg: Config, *, run_dir: Path, state: ParallelState) -> None:
+        self.cfg, self.run_dir, self.state = cfg, run_dir, state
+        t = cfg.trainer
+        torch.manual_seed(t.seed)
+        self.hf_dir = components.prepare_policy_dir(cfg, run_dir=run_dir, state=state)
+        self.tokenizer = components.load_tokenizer(self.hf_dir)
+        self.policy = components.load_policy(cfg.model, self.hf_dir, state=state)
+        updates_per_step = t.ppo_epochs * (t.prompts_per_step // t.mini_batch_size)
+        from megaent.trainer.optimizer import build_optimizer
+
+        self.optimizer = build_optimizer(self.policy, cfg=cfg.optimizer, state=state,
+                                         total_steps=t.steps * updates_per_step)
+        self.prompts = components.build_prompts(cfg.data, self.tokenizer, seed=t.seed)
+        self.scorer = components.build_scorer(cfg.reward, cfg.data) if state.rank == 0 else None
+        self.rollout = RolloutPhase(cfg.rollout, policy=self.policy, state=state, hf_dir=str(self.hf_dir),
+                                    run_dir=run_dir, eos_token_ids=components.eos_ids(self.tokenizer, self.hf_dir),
+                                    seed=t.seed)
+        self.dynamics = EntropyDynamics()
+        self.sink = MetricsSink(run_dir, enabled=state.rank == 0, wandb_project=t.wandb_project,
+                                run_name=run_dir.name)
+        self.stop = StopFlag().install()
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> int:
+        t = self.cfg.trainer
+        start = self.restore()
+        progress = Progress(t.steps, start, enabled=self.state.rank == 0, quiet=t.quiet)
+        try:
+            for step in range(start + 1, t.steps + 1):
+                metrics = self.train_step(step)
+                self.sink.log(step, metrics)
+                progress.update(step, metrics)
+                stop = self.stop.should_stop()
+                if stop or step == t.steps or (t.checkpoint_every and step % t.checkpoint_every == 0):
+                    self.save(step)
+                if t.export_hf_every and step % t.export_hf_every == 0:
+                    components.export_hf(self.policy, self.state, self.run_dir / f"hf_step_{step:06d}")
+                if stop:
+                    log.info("stop requested (signal %s): checkpointed step %d, exiting for requeue",
+                             self.stop.signum, step)
+                    return EXIT_REQUEUE
+            components.export_hf(self.policy, self.state, self.run_dir / "hf_final")
+            return EXIT_OK
+        finally:
+            progress.close()
+
+    def close(self) -> None:
+        self.stop.uninstall()
+        self.rollout.close()
+        self.sink.close()
+        if self.scorer is not None:
+            self.scorer.close()
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, step: int) -> dict[str, float]:
+        t0 = time.monotonic()
+        samples, roll = self.collect(step)
+        t_roll = time.monotonic() - t0
+        mine = partition_groups(samples, self.state.dp)[self.state.dp_rank]
+        metrics = dict(roll)
+        metrics.update(self.update(step, mine))
+        t_train = time.monotonic() - t0 - t_roll
+        route = self.rollout.sync(step=step)
+        step_s = time.monotonic() - t0
+        tokens = sum(len(s) for s in samples)
+        metrics.update({"time/rollout_s": t_roll, "time/train_s": t_train, "time/step_s": step_s,
+                        "tokens_per_s": tokens / max(step_s, 1e-9), "rollout/sync_shared": float(route == "shared")})
+        if self.state.rank == 0:
+            self.sink.log_samples(step, roll.pop("_samples", []) if "_samples" in roll else [])
+        metrics.pop("_samples", None)
+        return metrics
+
+    def collect(self, step: int) -> tuple[list[TrainSample], dict[str, Any]]:
+        """Rollouts + rewards + group filter + advantages -> TrainSamples (identical on every rank)."""
+        a, t = self.cfg.algorithm, self.cfg.trainer
+        G = self.cfg.rollout.n_samples
+        kept: list[tuple[Any, list[Any], list[float]]] = []  # (prompt, samples, rewards) per kept group
+        all_rewards: list[float] = []
+        lengths: list[int] = []
+        timeouts, rounds = 0, 0
+        first_texts: list[dict] = []
+        while len(kept) < t.prompts_per_step and rounds < (a.group_filter_max_tries if a.group_filter else 1):
+            need = t.prompts_per_step - len(kept)
+            prompts = self.prompts.next_batch(need if rounds else t.prompts_per_step)
+            groups = self.rollout.generate([p.ids for p in prompts], step=step, round_=rounds)
+            rewards, tmo = self.score(prompts, groups)
+            timeouts += tmo
+            for p, g, r in zip(prompts, groups, rewards):
+                all_rewards.extend(r)
+                lengths.extend(len(s.output_ids) for s in g)
+                if self.state.rank == 0 and len(first_texts) < t.samples_to_log:
+                    first_texts.append({"prompt": p.text, "response": self.tokenizer.decode(g[0].output_ids),
+                                        "reward": r[0], "answer": p.answer})
+                if not a.group_filter or max(r) > min(r) or G == 1:
+                    kept.append((p, g, r))
+            rounds += 1
+        kept = kept[: t.prompts_per_step]
+        if len(kept) < t.prompts_per_step:
+            log.warning("step %d: group filter kept %d/%d groups after %d rounds; training on what was kept",
+                        step, len(kept), t.prompts_per_step, rounds)
+        samples: list[TrainSample] = []
+        if kept:
+            rew = torch.tensor([r for _, _, r in kept], dtype=torch.float32)  # [N, G]
+            adv = compute_advantages(rew, estimator=a.advantage, norm_by_std=a.norm_adv_by_std)
+            for gi, (p, g, _) in enumerate(kept):
+                for j, s in enumerate(g):
+                    tokens = torch.tensor(list(s.prompt_ids) + list(s.output_ids), dtype=torch.long)
+                    samples.append(TrainSample(tokens=tokens, prompt_len=len(s.prompt_ids),
+                                               advantage=float(adv[gi, j]), group=gi, uid=gi * G + j,
+                                               old_logprobs=None))
+                    samples[-1].rollout_logprobs = torch.tensor(s.logprobs, dtype=torch.float32)
+        r = torch.tensor(all_rewards) if all_rewards else torch.zeros(1)
+        metrics = {"reward/mean": float(r.mean()), "reward/std": float(r.std()) if r.numel() > 1 else 0.0,
+                   "response/length_mean": float(sum(lengths) / max(len(lengths), 1)),
+                   "response/length_max": float(max(lengths, default=0)),
+                   "rollout/rounds": float(rounds), "rollout/kept_groups": float(len(kept)),
+                   "reward/timeouts": float(timeouts), "_samples": first_texts}
+        return samples, metrics
+
+    def score(self, prompts: list[Any], groups: list[list[Any]]) -> tuple[list[list[float]], int]:
+        """Rank 0 verifies every response; the rewards are broadcast (1 broadcast_object_list)."""
+        out: list[Any] = [None]
+        if self.state.rank == 0:
+            texts = [self.tokenizer.decode(s.output_ids, skip_special_tokens=True) for g in groups for s in g]
+            answers = [p.answer for p, g in zip(prompts, groups) for _ in g]
+            flat, timeouts = self.scorer.score(texts, answers)
+            it = iter(flat)
+            out[0] = ([[next(it) for _ in g] for g in groups], timeouts)
+        if self.state.world_size > 1:
+            dist.broadcast_object_list(out, src=0)
+        return out[0]
+
+    def update(self, step: int, mine: list[TrainSample]) -> dict[str, float]:
+        """Old log-probs + batch metrics, then ppo_epochs x mini-batch updates; returns step metrics."""
+        from megaent.trainer.update import batch_metrics, compute_logprobs, train_mini_batch
+
+        cfg, st, t = self.cfg, self.state, self.cfg.trainer
+        temp = cfg.rollout.temperature
+        mbs = make_micro_batches(mine, max_tokens=t.max_tokens_per_micro_batch, dp_group=st.dp_group)
+        compute_logprobs(self.policy, mbs, state=st, temperature=temp, fill_old=True, samples=mine)
+        before = batch_metrics(mbs, state=st, policy_loss=cfg.algorithm.policy_loss)
+        metrics = dict(before)
+        n_mini = t.prompts_per_step // t.mini_batch_size
+        groups = sorted({s.group for s in mine})
+        update_stats: list[dict[str, float]] = []
+        for epoch in range(t.ppo_epochs):
+            for k in range(n_mini):
+                chunk = self._mini_batch(mine, k, n_mini)
+                mb = make_micro_batches(chunk, max_tokens=t.max_tokens_per_micro_batch, dp_group=st.dp_group)
+                gen = torch.Generator().manual_seed(components.derive_seed(t.seed, step, epoch, k))
+                update_stats.append(train_mini_batch(self.policy, self.optimizer, mb, loss_cfg=cfg.algorithm,
+                                                     state=st, generator=gen, temperature=temp))
+        for key in update_stats[0] if update_stats else []:
+            vals = [u[key] for u in update_stats if u.get(key) is not None]
+            if vals:
+                metrics[key] = sum(vals) / len(vals)
+        if update_stats:
+            metrics["grad_norm"] = update_stats[-1].get("grad_norm", float("nan"))
+            metrics["lr"] = update_stats[-1].get("lr", float("nan"))
+        if t.dynamics_every and step % t.dynamics_every == 0:
+            compute_logprobs(self.policy, mbs, state=st, temperature=temp, fill_old=False, samples=mine)
+            after = batch_metrics(mbs, state=st, policy_loss=cfg.algorithm.policy_loss, use_current=True)
+            metrics.update(self.dynamics.observe(before, after, lr=metrics.get("lr", cfg.optimizer.lr)))
+        del groups
+        return metrics
+
+    @staticmethod
+    def _mini_batch(mine: list[TrainSample], k: int, n_mini: int) -> list[TrainSample]:
+        """The k-th of n_mini mini-batches of this rank's share, GRPO groups whole."""
+        gids = sorted({s.group for s in mine})
+        lo, hi = len(gids) * k // n_mini, len(gids) * (k + 1) // n_mini
+        keep = set(gids[lo:hi])
+        return [s for s in mine if s.group in keep]
+
+    # ------------------------------------------------------------------ checkpoints
+    def _meta(self, step: int) -> dict[str, Any]:
+        return {"data": self.prompts.state_dict(), "optimizer_steps": self.optimizer.step_count,
+                "layout": {"tp": self.state.tp, "pp": self.state.pp, "dp": self.state.dp},
+                "hf_dir": str(self.hf_dir), "dynamics": self.dynamics.state_dict()}
+
+    def save(self, step: int) -> None:
+        tensors = canonical_state(self.policy, self.optimizer, self.state, loading=False)
+        save_checkpoint(self.run_dir, step, tensors, self._meta(step), rank=self.state.rank,
+                        keep_last=self.cfg.trainer.keep_last)
+
+    def restore(self) -> int:
+        """Resume from the latest complete checkpoint of the run directory; returns its step (0 = fresh)."""
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            return 0
+        import json
+
+        prev = json.loads((path / "meta.json").read_text())
+        same_layout = prev.get("layout", {}) == {"tp": self.state.tp, "pp": self.state.pp, "dp": self.state.dp}
+        tensors = canonical_state(self.policy, self.optimizer, self.state, loading=True)
+        meta = load_checkpoint(path, tensors, rank=self.state.rank, restore_rng=same_layout)
+        finish_load(self.policy, self.optimizer, step=int(meta["optimizer_steps"]))
+        self.prompts.load_state_dict(meta["data"])
+        self.dynamics.load_state_dict(meta.get("dynamics", {}))
+        step = int(meta["step"])
+        if self.state.rank == 0:
+            truncate_metrics(self.run_dir, step)
+        self.rollout.sync(step=step)
+        log.info("resumed from %s (step %d)", path, step)
+        return step
