@@ -1,0 +1,245 @@
+"""Token-balanced, padding-free micro-batches and the rank-0 scatter of a rollout batch.
+
+A `TrainSample` is one prompt + response with its RL data. `make_micro_batches`
+packs samples into micro-batches of at most `max_tokens` tokens; each
+micro-batch is ONE row `[1, S]` holding several samples back to back, with
+`segment_ids` (attention stays inside a sample) and position ids that restart
+at 0 for every sample, so no padding token is ever computed. Per-token RL
+tensors (targets, mask, advantages, old/ref log-probs, token uids) are laid out
+on the same row, aligned with the position that PREDICTS the token: position
+`i` of a sample carries target `tokens[i + 1]`, and the mask is 1 where that
+target is a response token.
+
+Layout independence: `token_uid = sample.uid * UID_STRIDE + i` names each token
+of the whole rollout batch, whatever micro-batch or rank it lands on, so random
+choices keyed by it (Clip-Cov) do not depend on the split.
+
+Collectives: `equalize_micro_batches` all-reduces one int (MAX) over the DP
+group; `scatter_samples` all-gathers one int per rank and scatters pickled
+samples (scatter_object_list over the world group) from `src`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+
+UID_STRIDE = 1 << 24  # > any sequence length; uid * stride + position is unique per token
+
+
+@dataclass
+class TrainSample:
+    """One sample of a rollout batch, ready for training.
+
+    tokens: [L] int64, prompt followed by response. advantage: a float (GRPO:
+    one per sample) or a [L - prompt_len] fp32 tensor. old_logprobs /
+    ref_logprobs: [L - prompt_len] fp32 log-probs of the response tokens (None
+    = not known yet, e.g. before `compute_logprobs`). group: GRPO group (prompt)
+    id, kept whole on one DP rank; uid: unique id of the sample in the rollout.
+    """
+
+    tokens: torch.Tensor
+    prompt_len: int
+    advantage: Union[float, torch.Tensor] = 0.0
+    old_logprobs: Optional[torch.Tensor] = None
+    ref_logprobs: Optional[torch.Tensor] = None
+    group: int = 0
+    uid: int = 0
+
+    def __len__(self) -> int:
+        return int(self.tokens.numel())
+
+    @property
+    def response_len(self) -> int:
+        return len(self) - self.prompt_len
+
+
+@dataclass
+class MicroBatch:
+    """Samples packed into one row; every tensor is [1, S] (S = total tokens, 1 for an empty micro-batch).
+
+    input_ids/position_ids/segment_ids/targets/token_uid int64; mask, advantages,
+    old_logprobs (zeros where unknown) and ref_logprobs fp32 (None when no
+    sample has them). `uids[k]`, `offsets[k]`, `lengths[k]`, `prompt_lens[k]`
+    locate sample k in the row.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    segment_ids: torch.Tensor
+    targets: torch.Tensor
+    mask: torch.Tensor
+    advantages: torch.Tensor
+    old_logprobs: torch.Tensor
+    token_uid: torch.Tensor
+    ref_logprobs: Optional[torch.Tensor] = None
+    uids: list[int] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+    prompt_lens: list[int] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.lengths)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.uids
+
+    def to(self, device: torch.device) -> "MicroBatch":
+        """A copy with every tensor on `device`."""
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return MicroBatch(**moved)
+
+
+def pack(samples: Sequence[TrainSample]) -> MicroBatch:
+    """Pack `samples` into one row (no padding); an empty list gives a 1-token micro-batch with mask 0."""
+    if not samples:
+        z = torch.zeros(1, 1, dtype=torch.long)
+        f = torch.zeros(1, 1, dtype=torch.float32)
+        return MicroBatch(input_ids=z, position_ids=z.clone(), segment_ids=z.clone(), targets=z.clone(), mask=f,
+                          advantages=f.clone(), old_logprobs=f.clone(), token_uid=z.clone() - 1)
+    has_ref = any(s.ref_logprobs is not None for s in samples)
+    cols: dict[str, list[torch.Tensor]] = {k: [] for k in ("ids", "pos", "seg", "tgt", "mask", "adv", "old", "ref",
+                                                           "uid")}
+    offsets, off = [], 0
+    for k, s in enumerate(samples):
+        n, p = len(s), s.prompt_len
+        if not 1 <= p < n:
+            raise ValueError(f"sample uid={s.uid}: prompt_len={p} with {n} tokens; need 1 <= prompt_len < len(tokens)")
+        resp = slice(p - 1, n - 1)  # positions whose target is a response token
+        tokens = s.tokens.to(torch.long)
+        tgt = torch.zeros(n, dtype=torch.long)
+        tgt[:-1] = tokens[1:]
+        mask = torch.zeros(n)
+        mask[resp] = 1.0
+        cols["ids"].append(tokens)
+        cols["pos"].append(torch.arange(n))
+        cols["seg"].append(torch.full((n,), k, dtype=torch.long))
+        cols["tgt"].append(tgt)
+        cols["mask"].append(mask)
+        cols["adv"].append(_place(s.advantage, n, resp))
+        cols["old"].append(_place(s.old_logprobs, n, resp))
+        cols["ref"].append(_place(s.ref_logprobs, n, resp))
+        cols["uid"].append(s.uid * UID_STRIDE + torch.arange(n))
+        offsets.append(off)
+        off += n
+    row = {k: torch.cat(v)[None] for k, v in cols.items()}
+    return MicroBatch(input_ids=row["ids"], position_ids=row["pos"], segment_ids=row["seg"], targets=row["tgt"],
+                      mask=row["mask"], advantages=row["adv"], old_logprobs=row["old"], token_uid=row["uid"],
+                      ref_logprobs=row["ref"] if has_ref else None, uids=[s.uid for s in samples], offsets=offsets,
+                      lengths=[len(s) for s in samples], prompt_lens=[s.prompt_len for s in samples])
+
+
+def _place(values: Union[None, float, torch.Tensor], n: int, resp: slice) -> torch.Tensor:
+    out = torch.zeros(n, dtype=torch.float32)
+    if values is None:
+        return out
+    if isinstance(values, torch.Tensor) and values.dim() > 0:
+        want = resp.stop - resp.start
+        if values.numel() != want:
+            raise ValueError(f"per-token values have {values.numel()} entries; the response has {want} tokens")
+    out[resp] = torch.as_tensor(values, dtype=torch.float32)
+    return out
+
+
+def unpack_response(values: torch.Tensor, mb: MicroBatch) -> dict[int, torch.Tensor]:
+    """Per-sample response values from a packed row: values [1, S] -> {uid: [L - prompt_len]}."""
+    row = values.reshape(-1)
+    return {uid: row[off + p - 1: off + n - 1] for uid, off, n, p in zip(mb.uids, mb.offsets, mb.lengths,
+                                                                          mb.prompt_lens)}
+
+
+def split_token_balanced(lengths: Sequence[int], *, max_tokens: int) -> list[list[int]]:
+    """Indices of samples per micro-batch: as few micro-batches as first-fit-decreasing needs, tokens balanced.
+
+    First-fit-decreasing fixes the count k; longest-first onto the lightest of k
+    bins then evens out the tokens, kept when it respects the budget. A sample
+    longer than `max_tokens` gets a micro-batch of its own (over budget, never
+    truncated). Indices inside a micro-batch are sorted.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"trainer.max_tokens_per_micro_batch={max_tokens}: must be >= 1")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    ffd: list[list[int]] = []
+    loads: list[int] = []
+    for i in order:
+        for b, load in enumerate(loads):
+            if load + lengths[i] <= max_tokens:
+                ffd[b].append(i)
+                loads[b] += lengths[i]
+                break
+        else:
+            ffd.append([i])
+            loads.append(lengths[i])
+    k = len(ffd)
+    lpt: list[list[int]] = [[] for _ in range(k)]
+    lpt_loads = [0] * k
+    for i in order:
+        b = min(range(k), key=lambda j: (lpt_loads[j], j))
+        lpt[b].append(i)
+        lpt_loads[b] += lengths[i]
+    ok = all(load <= max_tokens or len(bin_) == 1 for bin_, load in zip(lpt, lpt_loads))
+    bins = lpt if ok else ffd
+    return [sorted(b) for b in bins if b]
+
+
+def make_micro_batches(samples: Sequence[TrainSample], *, max_tokens: int, dp_group: Optional[dist.ProcessGroup] = None
+                       ) -> list[MicroBatch]:
+    """Token-balanced packed micro-batches; with `dp_group`, padded with empty ones to the DP-wide maximum count.
+
+    Equal counts keep per-micro-batch collectives of the loss lined up across
+    DP ranks. 1 all-reduce (MAX) on dp_group when given.
+    """
+    bins = split_token_balanced([len(s) for s in samples], max_tokens=max_tokens)
+    mbs = [pack([samples[i] for i in b]) for b in bins]
+    return equalize_micro_batches(mbs, dp_group=dp_group)
+
+
+def equalize_micro_batches(mbs: list[MicroBatch], *, dp_group: Optional[dist.ProcessGroup]) -> list[MicroBatch]:
+    """Append empty micro-batches up to the largest count on `dp_group` (at least 1 micro-batch everywhere)."""
+    count = torch.tensor([max(1, len(mbs))], dtype=torch.long)
+    if dp_group is not None and dist.get_world_size(dp_group) > 1:
+        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=dp_group)
+    return list(mbs) + [pack([]) for _ in range(int(count.item()) - len(mbs))]
+
+
+def partition_groups(samples: Sequence[TrainSample], parts: int) -> list[list[TrainSample]]:
+    """Split samples into `parts` lists, GRPO groups whole, total tokens balanced (longest group first)."""
+    groups: dict[int, list[TrainSample]] = {}
+    for s in samples:
+        groups.setdefault(s.group, []).append(s)
+    order = sorted(groups, key=lambda g: (-sum(len(s) for s in groups[g]), g))
+    out: list[list[TrainSample]] = [[] for _ in range(parts)]
+    loads = [0] * parts
+    for g in order:
+        b = min(range(parts), key=lambda j: (loads[j], j))
+        out[b].extend(groups[g])
+        loads[b] += sum(len(s) for s in groups[g])
+    return [sorted(part, key=lambda s: s.uid) for part in out]
+
+
+def scatter_samples(samples: Optional[Sequence[TrainSample]], *, dp_rank: int, dp: int, src: int = 0
+                    ) -> list[TrainSample]:
+    """Send each DP rank its share of a rollout batch held on global rank `src` (None elsewhere).
+
+    Groups stay whole and tokens are balanced (`partition_groups`); every TP
+    and PP rank of a DP replica receives the same share. Collectives on the
+    world group: 1 all-gather of the DP ranks, 1 scatter_object_list.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(samples or [])
+    world = dist.get_world_size()
+    dp_ranks = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
+    dist.all_gather(dp_ranks, torch.tensor([dp_rank], dtype=torch.long))
+    inputs = None
+    if dist.get_rank() == src:
+        if samples is None:
+            raise ValueError(f"scatter_samples: rank {src} is the source and must pass the rollout samples")
+        parts = partition_groups(samples, dp)
+        inputs = [parts[int(r.item())] for r in dp_ranks]
+    out: list = [None]
+    dist.scatter_object_list(out, inputs, src=src)
+    return out[0]
