@@ -215,7 +215,7 @@ class SlurmConfig:
     account: str = ""
     """Slurm account (empty = none)."""
     time: str = "24:00:00"
-    """Wall-time limit."""
+    """Wall-time limit (minutes, HH:MM:SS or D-HH:MM:SS); quote it in YAML, where 24:00:00 unquoted is 86400."""
     job_name: str = "megaent"
     """Job name."""
     signal_before_s: int = 120

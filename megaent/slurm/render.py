@@ -106,6 +106,10 @@ def check_spec(spec: JobSpec, *, world_divisor: int = 1) -> None:
     _need(spec.rollout_nodes >= 0, "slurm.rollout_nodes", spec.rollout_nodes, "must be >= 0 (--rollout-nodes)")
     _need(bool(_TIME_RE.match(spec.time)), "slurm.time", spec.time,
           "use Slurm's format: minutes, HH:MM:SS or D-HH:MM:SS (e.g. --time 24:00:00)")
+    # YAML 1.1 reads an unquoted `time: 24:00:00` as the integer 86400, which Slurm takes as minutes (60 days).
+    _need(not (spec.time.isdigit() and int(spec.time) >= 7 * 24 * 60), "slurm.time", spec.time,
+          "minutes >= a week: an unquoted H:M:S in YAML becomes seconds; quote it (time: \"24:00:00\") "
+          "or write D-HH:MM:SS")
     _need(spec.signal_before_s >= 0, "slurm.signal_before_s", spec.signal_before_s, "must be >= 0 seconds")
     _need(not re.search(r"\s", spec.run_dir), "trainer.run_dir", spec.run_dir,
           "must not contain whitespace (it appears in #SBATCH --output, which cannot be quoted)")

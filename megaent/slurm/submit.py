@@ -13,6 +13,7 @@ printed on stdout. Exit 2 for a bad request or a missing `sbatch`.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -66,8 +67,9 @@ def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Path, str]:
     from megaent.config import load_config
 
     args = build_parser().parse_intermixed_args(list(argv))
-    flag_overrides = [f"{key}={getattr(args, name)}" for name, key in _FLAG_KEYS.items()
-                      if getattr(args, name) is not None]
+    # Strings go in double-quoted: unquoted, YAML 1.1 reads `--time 1:00:00` as the integer 3600.
+    flag_overrides = [f"{key}={json.dumps(v) if isinstance(v, str) else v}" for name, key in _FLAG_KEYS.items()
+                      if (v := getattr(args, name)) is not None]
     config_path = Path(args.config).resolve()
     cfg = load_config(config_path, [*args.overrides, *flag_overrides])
     run_dir = _run_dir(args.run_dir, cfg.trainer.run_dir, config_path)
