@@ -1,0 +1,214 @@
+"""`ModelArch`: the decoder shape megaent builds, read from a HuggingFace `config.json`.
+
+Supports the dense Qwen2 and Llama families (`model_type` "qwen2" / "llama"):
+RMSNorm, RoPE, grouped-query attention with optional QKV bias, SwiGLU MLP,
+tied or untied embeddings. Both spellings of `config.json` are read:
+
+- older checkpoints: top-level `rope_theta`, `rope_scaling` (with `type` or
+  `rope_type`), `torch_dtype`;
+- transformers 5: a `rope_parameters` dict holding `rope_theta` and
+  `rope_type` plus scaling keys, and `dtype`.
+
+Anything megaent does not implement (sliding-window attention, MoE, other
+activations, other RoPE types) raises a `ValueError` that names the
+`config.json` key, the value, and what is supported, instead of silently
+producing a different model.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+_MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size", "num_experts_per_tok")
+_ROPE_KEYS = {  # scaling keys kept per rope type (everything else in the dict is dropped)
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+@dataclass
+class ModelArch:
+    """Shape and numerics of a Qwen2/Llama decoder (what `config.json` says, normalised)."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_type: str = "default"
+    """One of SUPPORTED_ROPE_TYPES."""
+    rope_scaling: dict[str, float] = field(default_factory=dict)
+    """Scaling keys of `rope_type` only (factor, low/high_freq_factor, original_max_position_embeddings)."""
+    qkv_bias: bool = False
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 4096
+    dtype: Optional[str] = None
+    """Checkpoint dtype from config.json (`dtype` or `torch_dtype`), e.g. "bfloat16"; None when absent."""
+    hf_config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    """The raw config.json this was parsed from (kept so export preserves every original field)."""
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelArch":
+        """Parse a config.json dict (either spelling); raise ValueError on anything unsupported."""
+        _reject_unsupported(cfg)
+        model_type = cfg["model_type"]
+        hidden, heads = _req(cfg, "hidden_size"), _req(cfg, "num_attention_heads")
+        kv_heads = cfg.get("num_key_value_heads") or heads
+        head_dim = cfg.get("head_dim") or hidden // heads
+        if heads % kv_heads != 0:
+            raise ValueError(f"config.json num_attention_heads={heads} is not a multiple of num_key_value_heads="
+                             f"{kv_heads}; grouped-query attention needs whole groups")
+        theta, rope_type, scaling = _parse_rope(cfg)
+        qkv_bias = True if model_type == "qwen2" else bool(cfg.get("attention_bias", False))
+        dtype = cfg.get("dtype") or cfg.get("torch_dtype")
+        return cls(
+            model_type=model_type, vocab_size=_req(cfg, "vocab_size"), hidden_size=hidden,
+            intermediate_size=_req(cfg, "intermediate_size"), num_hidden_layers=_req(cfg, "num_hidden_layers"),
+            num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_type=rope_type,
+            rope_scaling=scaling, qkv_bias=qkv_bias, tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            dtype=str(dtype) if dtype is not None else None, hf_config=dict(cfg),
+        )
+
+    @classmethod
+    def from_hf_dir(cls, hf_dir: str | Path) -> "ModelArch":
+        """Read `<hf_dir>/config.json`."""
+        path = Path(hf_dir) / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: model.path must be a HuggingFace checkpoint directory")
+        return cls.from_hf_config(json.loads(path.read_text()))
+
+    def check_layout(self, *, tp: int, pp: int, pipeline_layers: Optional[list[int]] = None) -> None:
+        """Raise ValueError when this model cannot be split over `tp` x `pp` (message names parallel.tp/pp)."""
+        if self.num_attention_heads % tp != 0:
+            raise ValueError(f"parallel.tp={tp} does not divide num_attention_heads={self.num_attention_heads}; "
+                             f"choose a tp that divides it")
+        if self.num_key_value_heads % tp != 0:
+            # Replicating KV heads would need an extra gradient reduction over the replicas; not implemented.
+            raise ValueError(f"parallel.tp={tp} does not divide num_key_value_heads={self.num_key_value_heads}; "
+                             f"megaent splits KV heads over TP without replication: use tp <= "
+                             f"{self.num_key_value_heads} that divides it")
+        if self.intermediate_size % tp != 0:
+            raise ValueError(f"parallel.tp={tp} does not divide intermediate_size={self.intermediate_size}")
+        stage_layer_ranges(self.num_hidden_layers, pp, pipeline_layers)
+
+    def to_hf_config(self, *, dtype: Optional[str] = None) -> dict[str, Any]:
+        """A transformers-5 style config.json dict; the original fields are kept when parsed from HF."""
+        if self.hf_config:
+            cfg = dict(self.hf_config)
+            if dtype is not None:
+                cfg["torch_dtype" if "torch_dtype" in cfg and "dtype" not in cfg else "dtype"] = dtype
+            return cfg
+        arch_name = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}[self.model_type]
+        cfg: dict[str, Any] = {
+            "architectures": [arch_name], "model_type": self.model_type, "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers, "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim, "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps, "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "rope_parameters": {"rope_type": self.rope_type, "rope_theta": self.rope_theta, **self.rope_scaling},
+        }
+        if self.model_type == "llama":
+            cfg["attention_bias"] = self.qkv_bias
+        if dtype or self.dtype:
+            cfg["dtype"] = dtype or self.dtype
+        return cfg
+
+
+def _req(cfg: dict[str, Any], key: str) -> Any:
+    if key not in cfg or cfg[key] is None:
+        raise ValueError(f"config.json has no {key!r}; megaent needs it to build the model")
+    return cfg[key]
+
+
+def _reject_unsupported(cfg: dict[str, Any]) -> None:
+    mt = cfg.get("model_type")
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"config.json model_type={mt!r} is not supported; megaent supports "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)} (dense decoders)")
+    if cfg.get("use_sliding_window"):
+        raise ValueError("config.json use_sliding_window=true is not supported; megaent implements full causal "
+                         "attention only (set use_sliding_window to false if the model was trained without it)")
+    bad_layers = sorted({t for t in cfg.get("layer_types") or [] if t != "full_attention"})
+    if bad_layers:
+        raise ValueError(f"config.json layer_types contains {bad_layers}; megaent supports 'full_attention' only")
+    for key in _MOE_KEYS:
+        if cfg.get(key):
+            raise ValueError(f"config.json {key}={cfg[key]!r}: mixture-of-experts models are not supported; "
+                             f"megaent supports dense Qwen2/Llama decoders")
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"config.json hidden_act={act!r} is not supported; megaent implements SwiGLU ('silu')")
+    if cfg.get("mlp_bias"):
+        raise ValueError("config.json mlp_bias=true is not supported; megaent's MLP has no bias")
+    for key in ("partial_rotary_factor",):
+        val = cfg.get(key, (cfg.get("rope_parameters") or {}).get(key, 1.0))
+        if val not in (None, 1.0, 1):
+            raise ValueError(f"config.json {key}={val!r} is not supported; megaent rotates the whole head (1.0)")
+
+
+def _parse_rope(cfg: dict[str, Any]) -> tuple[float, str, dict[str, float]]:
+    """(theta, rope_type, scaling keys) from `rope_parameters` (transformers 5) or top-level keys (older)."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" in params:
+        theta, scaling = params["rope_theta"], params
+        key = "rope_parameters"
+    else:
+        theta = cfg.get("rope_theta", 10000.0)
+        scaling = cfg.get("rope_scaling") or {}
+        key = "rope_scaling"
+    rope_type = scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"config.json {key} rope_type={rope_type!r} is not supported; megaent supports "
+                         f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+    kept: dict[str, float] = {}
+    for k in _ROPE_KEYS[rope_type]:
+        if k not in scaling:
+            if k == "original_max_position_embeddings" and "max_position_embeddings" in cfg:
+                kept[k] = int(cfg["max_position_embeddings"])
+                continue
+            raise ValueError(f"config.json {key} with rope_type={rope_type!r} needs {k!r}")
+        kept[k] = int(scaling[k]) if k == "original_max_position_embeddings" else float(scaling[k])
+    return float(theta), rope_type, kept
+
+
+def stage_layer_ranges(num_layers: int, pp: int, pipeline_layers: Optional[list[int]] = None) -> list[range]:
+    """Global decoder-layer indices of each pipeline stage.
+
+    Default: an even split; when `num_layers % pp != 0` the first stages get one
+    extra layer each (the last stage also carries the LM head). `pipeline_layers`
+    gives the count per stage explicitly (zeros allowed) and must sum to `num_layers`.
+    """
+    if pipeline_layers is None:
+        if pp > num_layers:
+            raise ValueError(f"parallel.pp={pp} exceeds num_hidden_layers={num_layers}; use pp <= {num_layers} "
+                             f"or set model.pipeline_layers explicitly")
+        base, extra = divmod(num_layers, pp)
+        counts = [base + (1 if s < extra else 0) for s in range(pp)]
+    else:
+        counts = list(pipeline_layers)
+        if len(counts) != pp or any(c < 0 for c in counts) or sum(counts) != num_layers:
+            raise ValueError(f"model.pipeline_layers={counts} must list {pp} non-negative counts (one per "
+                             f"parallel.pp stage) summing to num_hidden_layers={num_layers}")
+    starts = [sum(counts[:s]) for s in range(pp)]
+    return [range(st, st + c) for st, c in zip(starts, counts)]

@@ -1,0 +1,154 @@
+"""One Qwen2/Llama decoder layer on megatron-core tensor-parallel linears.
+
+Pre-norm residual block: x + Attn(RMSNorm(x)), then h + MLP(RMSNorm(h)).
+TP split (Megatron-LM, Shoeybi et al. 2019): the fused QKV and gate/up
+projections are column-parallel (each rank owns whole heads / a slice of the
+MLP width), the output and down projections are row-parallel and end in one
+all-reduce on `tp_group` each. So a layer costs 2 all-reduces on tp_group in
+forward and 2 in backward (inside the megatron layers). Every megatron layer
+receives `tp_group=` explicitly; nothing here reads megatron's global state.
+
+Local layouts of the fused weights (rows of this rank's shard):
+- `attn.qkv`: [q heads of this rank | k heads | v heads]  (Nl*D + 2*KVl*D rows)
+- `mlp.gate_up`: [gate slice | up slice]                  (2 * I/TP rows)
+`megaent.model.hf_names` builds exactly these layouts from HF tensors.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import ModelParallelConfig
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+from megaent.model.arch import ModelArch
+from megaent.model.cache import KVCache
+from megaent.model.rope import apply_rope
+
+
+def _no_init(_: torch.Tensor) -> None:
+    """Weights are filled by `megaent.model.policy` (from a checkpoint or a seeded generator)."""
+
+
+def tp_layer_config(dtype: torch.dtype) -> ModelParallelConfig:
+    """megatron-core layer options: CPU allocation, no megatron init, no sequence parallel / fusion."""
+    return ModelParallelConfig(use_cpu_initialization=True, perform_initialization=False, params_dtype=dtype,
+                               sequence_parallel=False, gradient_accumulation_fusion=False)
+
+
+class RMSNorm(torch.nn.Module):
+    """RMSNorm (Zhang & Sennrich 2019) computed in fp32, cast back before the weight, as HF Llama/Qwen2 do."""
+
+    def __init__(self, hidden: int, *, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., H] -> [..., H] in x's dtype."""
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class SelfAttention(torch.nn.Module):
+    """Grouped-query causal self-attention over this rank's Nl = N/TP query and KVl = KV/TP key/value heads."""
+
+    def __init__(self, arch: ModelArch, *, tp_group: dist.ProcessGroup, tp: int, config: ModelParallelConfig):
+        super().__init__()
+        self.head_dim = arch.head_dim
+        self.n_q = arch.num_attention_heads // tp
+        self.n_kv = arch.num_key_value_heads // tp
+        self.qkv = ColumnParallelLinear(arch.hidden_size, arch.q_size + 2 * arch.kv_size, config=config,
+                                        init_method=_no_init, bias=arch.qkv_bias, gather_output=False,
+                                        tp_group=tp_group)
+        self.proj = RowParallelLinear(arch.q_size, arch.hidden_size, config=config, init_method=_no_init,
+                                      bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor], *,
+                kv_cache: Optional[KVCache] = None, slot: int = 0) -> torch.Tensor:
+        """x [B, S, H], cos/sin [B, S, D], mask [B, 1, S, S_k] bool (True = attend) or None (plain causal)
+        -> [B, S, H]. With `kv_cache`, new K/V are written to `slot` and attention spans cache + new tokens."""
+        b, s, _ = x.shape
+        d = self.head_dim
+        qkv, _ = self.qkv(x)
+        q, k, v = qkv.split([self.n_q * d, self.n_kv * d, self.n_kv * d], dim=-1)
+        q = q.view(b, s, self.n_q, d).transpose(1, 2)  # [B, Nl, S, D]
+        k = k.view(b, s, self.n_kv, d).transpose(1, 2)  # [B, KVl, S, D]
+        v = v.view(b, s, self.n_kv, d).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(slot, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                             scale=1.0 / math.sqrt(d), enable_gqa=self.n_q != self.n_kv)
+        out = out.transpose(1, 2).reshape(b, s, self.n_q * d)
+        out, _ = self.proj(out)
+        return out
+
+
+class SwiGLU(torch.nn.Module):
+    """down(silu(gate(x)) * up(x)) (Shazeer 2020) with gate/up fused in one column-parallel linear."""
+
+    def __init__(self, arch: ModelArch, *, tp_group: dist.ProcessGroup, config: ModelParallelConfig):
+        super().__init__()
+        self.gate_up = ColumnParallelLinear(arch.hidden_size, 2 * arch.intermediate_size, config=config,
+                                            init_method=_no_init, bias=False, gather_output=False,
+                                            tp_group=tp_group)
+        self.down = RowParallelLinear(arch.intermediate_size, arch.hidden_size, config=config, init_method=_no_init,
+                                      bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, S, H] -> [B, S, H]."""
+        gate_up, _ = self.gate_up(x)
+        gate, up = gate_up.chunk(2, dim=-1)
+        out, _ = self.down(F.silu(gate) * up)
+        return out
+
+
+class DecoderLayer(torch.nn.Module):
+    """Pre-norm attention + SwiGLU block."""
+
+    def __init__(self, arch: ModelArch, *, tp_group: dist.ProcessGroup, tp: int, config: ModelParallelConfig):
+        super().__init__()
+        dtype = config.params_dtype
+        self.input_norm = RMSNorm(arch.hidden_size, eps=arch.rms_norm_eps, dtype=dtype)
+        self.attn = SelfAttention(arch, tp_group=tp_group, tp=tp, config=config)
+        self.post_norm = RMSNorm(arch.hidden_size, eps=arch.rms_norm_eps, dtype=dtype)
+        self.mlp = SwiGLU(arch, tp_group=tp_group, config=config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor], *,
+                kv_cache: Optional[KVCache] = None, slot: int = 0) -> torch.Tensor:
+        """x [B, S, H] -> [B, S, H]; see `SelfAttention.forward` for the other arguments."""
+        h = x + self.attn(self.input_norm(x), cos, sin, mask, kv_cache=kv_cache, slot=slot)
+        return h + self.mlp(self.post_norm(h))
+
+
+def build_attention_mask(*, q_len: int, cache_len: int, key_mask: Optional[torch.Tensor],
+                   segment_ids: Optional[torch.Tensor], batch: int, device: torch.device) -> Optional[torch.Tensor]:
+    """Boolean attention mask [B, 1, S, S_k] (True = attend), or None when plain causal attention suffices.
+
+    Query i sits at absolute position cache_len + i and sees key j when j <= cache_len + i,
+    key_mask[b, j] is True (key padding; S_k = cache_len + S) and, with segment_ids [B, S], the
+    two tokens share a segment id (packed sequences). Each query may always see its own
+    position, so padded queries get a finite (ignored) output instead of NaN.
+    """
+    if key_mask is None and segment_ids is None and cache_len == 0:
+        return None
+    s_k = cache_len + q_len
+    q_pos = torch.arange(cache_len, s_k, device=device)[:, None]
+    k_pos = torch.arange(s_k, device=device)[None, :]
+    mask = (k_pos <= q_pos)[None].expand(batch, q_len, s_k)  # [B, S, S_k]
+    if key_mask is not None:
+        if key_mask.shape != (batch, s_k):
+            raise ValueError(f"attention_mask has shape {tuple(key_mask.shape)}; expected [B, S_k] = "
+                             f"[{batch}, {s_k}] (S_k counts cached plus new tokens)")
+        mask = mask & key_mask.to(torch.bool)[:, None, :]
+    if segment_ids is not None:
+        if cache_len:
+            raise ValueError("segment_ids (packed sequences) cannot be combined with a non-empty kv_cache")
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    mask = mask | (k_pos == q_pos)[None]
+    return mask[:, None]
