@@ -75,6 +75,10 @@ class MicroBatch:
     old_logprobs: torch.Tensor
     token_uid: torch.Tensor
     ref_logprobs: Optional[torch.Tensor] = None
+    logprobs: Optional[torch.Tensor] = None
+    """Current-policy log-probs [1, S] fp32, filled by `megaent.trainer.update.compute_logprobs`."""
+    entropy: Optional[torch.Tensor] = None
+    """Current-policy entropy [1, S] fp32, filled by `compute_logprobs`."""
     uids: list[int] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
@@ -100,7 +104,7 @@ def pack(samples: Sequence[TrainSample]) -> MicroBatch:
         z = torch.zeros(1, 1, dtype=torch.long)
         f = torch.zeros(1, 1, dtype=torch.float32)
         return MicroBatch(input_ids=z, position_ids=z.clone(), segment_ids=z.clone(), targets=z.clone(), mask=f,
-                          advantages=f.clone(), old_logprobs=f.clone(), token_uid=z.clone() - 1)
+                          advantages=f.clone(), old_logprobs=f.clone(), token_uid=z.clone())
     has_ref = any(s.ref_logprobs is not None for s in samples)
     cols: dict[str, list[torch.Tensor]] = {k: [] for k in ("ids", "pos", "seg", "tgt", "mask", "adv", "old", "ref",
                                                            "uid")}
