@@ -28,7 +28,7 @@ from megaent.config.schema import Config
 from megaent.slurm.template import SBATCH_TEMPLATE
 
 REQUEUE_EXIT_CODE = 3  # the trainer's "checkpointed after a stop signal, requeue me"
-TRAIN_ENTRYPOINT = "python -m megaent.cli train"
+TRAIN_MODULE = "-m megaent.cli train"  # run by JobSpec.python unless an entrypoint replaces it
 _TIME_RE = re.compile(r"^(\d+-)?\d+(:\d+){0,2}$|^(UNLIMITED|INFINITE|infinite|unlimited)$")
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
@@ -54,8 +54,8 @@ class JobSpec:
     job_name: str = "megaent"
     signal_before_s: int = 120
     overrides: tuple[str, ...] = ()  # key=value passed to every (re)start of the trainer
-    entrypoint: str = TRAIN_ENTRYPOINT  # command that takes `CONFIG key=value ...`
-    python: str = "python"  # interpreter for the rollout-host helper and servers
+    entrypoint: str = ""  # command that takes `CONFIG key=value ...`; empty = `{python} -m megaent.cli train`
+    python: str = "python"  # interpreter on the nodes (trainer, rollout-host helper, servers)
     model_path: str = ""  # HF checkpoint the rollout servers load
     sglang_tp: int = 1
     sglang_mem_fraction: float = 0.8
@@ -74,7 +74,7 @@ class JobSpec:
 
 
 def job_spec(cfg: Config, *, config_path: str, run_dir: str, workdir: str, overrides: tuple[str, ...] = (),
-             entrypoint: str = TRAIN_ENTRYPOINT, python: str = "python") -> JobSpec:
+             entrypoint: str = "", python: str = "python") -> JobSpec:
     """Build and check a `JobSpec` from a loaded config (CLI flags already merged into `cfg.slurm`).
 
     Raises `SubmitError` naming the `slurm.*` key, its value and the fix.
@@ -225,7 +225,7 @@ def train_srun(spec: JobSpec) -> str:
         f"srun --nodes={spec.nodes} --ntasks={spec.world_size} --ntasks-per-node={spec.train_tasks_per_node} "
         f"--nodelist=\"$TRAIN_NODES\"{gpus} \\\n"
         f"     --kill-on-bad-exit=0 --wait=600 --output=\"$RUN_DIR/logs/%j-%t.log\" --open-mode=append \\\n"
-        f"     {spec.entrypoint} {' '.join(args)} \"${{ROLLOUT_OVERRIDES[@]}}\""
+        f"     {spec.entrypoint or f'{spec.python} {TRAIN_MODULE}'} {' '.join(args)} \"${{ROLLOUT_OVERRIDES[@]}}\""
     )
 
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from megaent.slurm.render import TRAIN_ENTRYPOINT, SubmitError, job_spec, render_sbatch
+from megaent.slurm.render import SubmitError, job_spec, render_sbatch
 
 EXIT_USAGE = 2
 
@@ -47,9 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time", help="wall-time limit, e.g. 24:00:00 (slurm.time)")
     p.add_argument("--job-name", help="job name (slurm.job_name)")
     p.add_argument("--run-dir", help="run directory (default: trainer.run_dir, else runs/<config>-<time>)")
-    p.add_argument("--entrypoint", default=TRAIN_ENTRYPOINT,
-                   help=f"command that takes `CONFIG key=value ...` (default: {TRAIN_ENTRYPOINT})")
-    p.add_argument("--python", default="python", help="interpreter for rollout servers and helpers on the nodes")
+    p.add_argument("--python", default="python",
+                   help="interpreter on the nodes for the trainer, rollout servers and helpers (default: python)")
+    p.add_argument("--entrypoint", default="",
+                   help="command that takes `CONFIG key=value ...` instead of `PYTHON -m megaent.cli train`")
     p.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
     return p
 
