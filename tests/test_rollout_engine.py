@@ -24,9 +24,18 @@ from megaent.rollout.types import SamplingParams
 PROMPTS = [[5, 17, 33, 8], [40, 41], [7, 7, 9, 60, 61, 62, 63, 11, 12], [99]]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Decode steps are tiny: with 2 intra-op threads on a loaded 2-core machine they run ~10x slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    return make_tiny_hf(tmp_path_factory.mktemp("tiny") / "m", "qwen2", vocab_size=211, layers=2, seed=3)
+    return make_tiny_hf(tmp_path_factory.mktemp("tiny") / "m", "qwen2", vocab_size=320, layers=2, seed=3)
 
 
 @pytest.fixture(scope="module")
