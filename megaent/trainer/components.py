@@ -42,10 +42,13 @@ def prepare_policy_dir(cfg: Config, *, run_dir: Path, state: ParallelState) -> P
         return path
     from megaent.data.warmup import warmup_policy
 
+    if cfg.data.task not in SYNTHETIC_TASKS:
+        raise ConfigError(f"data.task={cfg.data.task!r}: unknown synthetic task; choose one of "
+                          f"{sorted(SYNTHETIC_TASKS)} or set model.path to a HF checkpoint")
     out = cache_dir() / f"demo-{cfg.data.task}-seed{cfg.trainer.seed}"
     if state.rank == 0:
         log.info("demo: warming a tiny policy on the %r task (cached in %s)", cfg.data.task, out)
-        warmup_policy(out, task=cfg.data.task, seed=cfg.trainer.seed)
+        warmup_policy(out, seed=cfg.trainer.seed)
     if state.world_size > 1:
         dist.barrier()
     return out
@@ -91,3 +94,70 @@ class Prompt:
     ids: list[int]
     text: str
     answer: str
+
+
+SYNTHETIC_TASKS = ("arith",)
+
+
+class SyntheticPrompts:
+    """The demo task as a prompt stream: problem i of `ArithTask(seed)` for i = 0, 1, ...; resumable by index.
+
+    Problems are a pure function of (seed, index), so the stream is identical on every rank and a saved
+    index resumes it exactly. The seed is offset from the warm-up's, so RL sees held-out problems.
+    """
+
+    def __init__(self, tokenizer: Any, *, seed: int) -> None:
+        from megaent.rewards.synthetic import ArithTask
+
+        self.task = ArithTask(seed=seed + 1_000_003)
+        self.tokenizer = tokenizer
+        self.index = 0
+
+    def next_batch(self, n: int) -> list[Prompt]:
+        out = []
+        for i in range(self.index, self.index + n):
+            text, answer = self.task.problem(i)
+            out.append(Prompt(ids=list(self.tokenizer(text).input_ids), text=text, answer=answer))
+        self.index += n
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"index": self.index}
+
+    def load_state_dict(self, sd: dict[str, int]) -> None:
+        self.index = int(sd["index"])
+
+
+def build_prompts(cfg: DataConfig, tokenizer: Any, *, seed: int) -> Any:
+    """Prompt stream: the synthetic task when data.path is empty, else the jsonl/parquet dataset."""
+    if not cfg.path:
+        return SyntheticPrompts(tokenizer, seed=seed)
+    path = Path(cfg.path)
+    if not path.is_file():
+        raise ConfigError(f"data.path={cfg.path!r}: file not found; give a .jsonl or .parquet prompt file")
+    from megaent.data.prompts import build_prompt_stream
+
+    return build_prompt_stream(cfg, tokenizer, seed=seed)
+
+
+class Scorer:
+    """Rank-0 reward scoring: `score(texts, answers) -> (rewards, timeouts)`."""
+
+    def __init__(self, cfg: RewardConfig) -> None:
+        from megaent.rewards.pool import RewardPool
+
+        # Exact-match synthetic rewards are microseconds: score in-process, no worker processes.
+        workers = 0 if cfg.kind == "synthetic" else cfg.workers
+        self.pool = RewardPool(cfg.kind, workers=workers, timeout_s=cfg.timeout_s, format_reward=cfg.format_reward)
+
+    def score(self, texts: list[str], answers: list[str]) -> tuple[list[float], int]:
+        res = self.pool.score(texts, answers)
+        return list(res.rewards), int(res.timeouts)
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def build_scorer(cfg: RewardConfig, data: DataConfig) -> Scorer:
+    del data
+    return Scorer(cfg)

@@ -180,7 +180,6 @@ class Trainer:
         before = batch_metrics(mbs, state=st, policy_loss=cfg.algorithm.policy_loss)
         metrics = dict(before)
         n_mini = t.prompts_per_step // t.mini_batch_size
-        groups = sorted({s.group for s in mine})
         update_stats: list[dict[str, float]] = []
         for epoch in range(t.ppo_epochs):
             for k in range(n_mini):
@@ -193,14 +192,13 @@ class Trainer:
             vals = [u[key] for u in update_stats if u.get(key) is not None]
             if vals:
                 metrics[key] = sum(vals) / len(vals)
-        if update_stats:
-            metrics["grad_norm"] = update_stats[-1].get("grad_norm", float("nan"))
-            metrics["lr"] = update_stats[-1].get("lr", float("nan"))
+        if update_stats:  # grad_norm etc. are means over the step's updates; lr is the last one used
+            metrics["lr"] = update_stats[-1]["lr"]
+            metrics["optimizer/updates"] = float(len(update_stats))
         if t.dynamics_every and step % t.dynamics_every == 0:
             compute_logprobs(self.policy, mbs, state=st, temperature=temp, fill_old=False, samples=mine)
             after = batch_metrics(mbs, state=st, policy_loss=cfg.algorithm.policy_loss, use_current=True)
             metrics.update(self.dynamics.observe(before, after, lr=metrics.get("lr", cfg.optimizer.lr)))
-        del groups
         return metrics
 
     @staticmethod
