@@ -33,6 +33,16 @@ def _no_init(_: torch.Tensor) -> None:
     """Weights are filled by `megaent.model.policy` (from a checkpoint or a seeded generator)."""
 
 
+class _RowParallelLinear(RowParallelLinear):
+    """megatron-core 0.16 `RowParallelLinear.forward` passes `tp_group=None` to its matmul function, which then
+    asks the global `parallel_state` for a group (unused there: no dgrad all-reduce). Pass ours instead, so
+    the layer works without megatron's globals (tests/test_model_parity.py makes the getters raise)."""
+
+    def _forward_impl(self, input, weight, *args, **kwargs):  # noqa: A002 (megatron's parameter name)
+        kwargs["tp_group"] = self.tp_group
+        return super()._forward_impl(input, weight, *args, **kwargs)
+
+
 def tp_layer_config(dtype: torch.dtype) -> ModelParallelConfig:
     """megatron-core layer options: CPU allocation, no megatron init, no sequence parallel / fusion."""
     return ModelParallelConfig(use_cpu_initialization=True, perform_initialization=False, params_dtype=dtype,
@@ -65,8 +75,8 @@ class SelfAttention(torch.nn.Module):
         self.qkv = ColumnParallelLinear(arch.hidden_size, arch.q_size + 2 * arch.kv_size, config=config,
                                         init_method=_no_init, bias=arch.qkv_bias, gather_output=False,
                                         tp_group=tp_group)
-        self.proj = RowParallelLinear(arch.q_size, arch.hidden_size, config=config, init_method=_no_init,
-                                      bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
+        self.proj = _RowParallelLinear(arch.q_size, arch.hidden_size, config=config, init_method=_no_init,
+                                       bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor], *,
                 kv_cache: Optional[KVCache] = None, slot: int = 0) -> torch.Tensor:
@@ -97,8 +107,9 @@ class SwiGLU(torch.nn.Module):
         self.gate_up = ColumnParallelLinear(arch.hidden_size, 2 * arch.intermediate_size, config=config,
                                             init_method=_no_init, bias=False, gather_output=False,
                                             tp_group=tp_group)
-        self.down = RowParallelLinear(arch.intermediate_size, arch.hidden_size, config=config, init_method=_no_init,
-                                      bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
+        self.down = _RowParallelLinear(arch.intermediate_size, arch.hidden_size, config=config,
+                                       init_method=_no_init, bias=False, input_is_parallel=True, skip_bias_add=False,
+                                       tp_group=tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, S, H] -> [B, S, H]."""
