@@ -68,8 +68,11 @@ class DistributedAdamW:
     """AdamW with global-norm clipping, LR schedule, fp32 masters and optional ZeRO-1 (see module docstring)."""
 
     def __init__(self, params: Iterable[torch.nn.Parameter], *, cfg: OptimizerConfig, state: ParallelState,
-                 total_steps: Optional[int] = None) -> None:
+                 total_steps: Optional[int] = None, tp_sharded: Optional[set[int]] = None) -> None:
         self.params = [p for p in params if p.requires_grad]
+        # ids of params split over TP; default: megatron's `tensor_model_parallel` attribute
+        self.tp_sharded = tp_sharded if tp_sharded is not None else {
+            id(p) for p in self.params if getattr(p, "tensor_model_parallel", False)}
         self.cfg, self.state, self.total_steps = cfg, state, total_steps
         self.step_count = 0
         zero1 = cfg.zero1 and state.dp > 1
@@ -96,7 +99,7 @@ class DistributedAdamW:
             m.grad = None
 
     def _counted(self, p: torch.Tensor) -> bool:
-        if not getattr(p, "tensor_model_parallel", False) and self.state.tp_rank != 0:
+        if id(p) not in self.tp_sharded and self.state.tp_rank != 0:
             return False  # replicated over TP: count on tp_rank 0 only
         if self.state.pp > 1 and is_tied_embedding(p) and not self.state.is_first_stage:
             return False  # the last stage's copy of the tied embedding
@@ -176,5 +179,16 @@ class DistributedAdamW:
 
 def build_optimizer(model: torch.nn.Module, *, cfg: OptimizerConfig, state: ParallelState,
                     total_steps: Optional[int] = None) -> DistributedAdamW:
-    """The optimizer of this rank's stage/shard of `model` (all parameters with requires_grad)."""
-    return DistributedAdamW(model.parameters(), cfg=cfg, state=state, total_steps=total_steps)
+    """The optimizer of this rank's stage/shard of `model` (all parameters with requires_grad).
+
+    TP-sharded parameters: those with megatron's `tensor_model_parallel` attribute, plus, for a model with
+    `param_specs()` (megaent's Policy), those whose TP kind is not "replicated". (megatron-core sets the
+    attribute on weights only when `perform_initialization=True`, so the specs are the reliable source.)
+    """
+    sharded = {id(p) for p in model.parameters() if getattr(p, "tensor_model_parallel", False)}
+    if hasattr(model, "param_specs"):
+        named = dict(model.named_parameters())
+        for spec in model.param_specs():
+            if spec.name in named and any(part.kind != "replicated" for part in spec.parts):
+                sharded.add(id(named[spec.name]))
+    return DistributedAdamW(model.parameters(), cfg=cfg, state=state, total_steps=total_steps, tp_sharded=sharded)
