@@ -33,8 +33,10 @@ def global_sum(x: torch.Tensor, group: Group = None) -> torch.Tensor:
 
 def masked_sum_count(x: torch.Tensor, mask: torch.Tensor, group: Group = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(global sum of x over mask, global count of mask) in fp32; 1 all-reduce of a 2-vector."""
-    m = mask.to(torch.float32)
-    local = torch.stack([(x.to(torch.float32) * m).sum(), m.sum()])
+    m = mask.to(torch.bool)
+    # where, not x * mask: a masked-out inf/NaN (e.g. a padded token's log-prob) must not leak in.
+    xs = torch.where(m, x.to(torch.float32), torch.zeros((), dtype=torch.float32, device=x.device))
+    local = torch.stack([xs.sum(), m.sum().to(torch.float32)])
     both = global_sum(local, group)
     return both[0], both[1]
 
@@ -51,7 +53,18 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, group: Group = None) -> torc
 
 
 def masked_cov(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, group: Group = None) -> torch.Tensor:
-    """Population covariance of x and y over mask across `group`: 0-d fp32 (2 all-reduces)."""
-    mx = masked_mean(x, mask, group)
-    my = masked_mean(y, mask, group)
-    return masked_mean((x.to(torch.float32) - mx) * (y.to(torch.float32) - my), mask, group)
+    """Population covariance of x and y over mask across `group`: 0-d fp32 (2 all-reduces).
+
+    The means are detached: d cov / d x_i = (y_i - mean y) / N exactly, because the global
+    sum of (y - mean y) over valid tokens is 0. Letting autograd go through the means
+    would instead add this rank's partial sum of (y - mean y) / N^2, which is not 0 on an
+    uneven split (the other ranks' share of that path is missing), so the gradient would
+    depend on how the batch is split.
+    """
+    m = mask.to(torch.bool)
+    mx = masked_mean(x, m, group).detach()
+    my = masked_mean(y, m, group).detach()
+    zero = torch.zeros((), dtype=torch.float32, device=x.device)
+    xc = torch.where(m, x.to(torch.float32) - mx, zero)  # masked-out inf/NaN give 0 value and 0 gradient
+    yc = torch.where(m, y.to(torch.float32) - my, zero)
+    return masked_mean(xc * yc, m, group)
