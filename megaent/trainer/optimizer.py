@@ -28,6 +28,7 @@ broadcasts (one flat buffer per owner) on dp_group.
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Iterable, Optional
 
@@ -171,7 +172,9 @@ class DistributedAdamW:
                              "the data-parallel size changed); resume with the same layout")
         self.step_count = int(sd["step"])
         if self.inner is not None:
-            self.inner.load_state_dict(sd["inner"])
+            # deepcopy: torch keeps the given tensors when dtype/device already match, which would alias
+            # the moments of the optimizer the state came from
+            self.inner.load_state_dict(copy.deepcopy(sd["inner"]))
         with torch.no_grad():
             for i, m in sd["masters"].items():
                 self.masters[i].copy_(m)
