@@ -169,7 +169,8 @@ def _spawned(rank: int, world: int, dirs: dict[str, str], out_dir: str, inp: dic
             with _megatron_getters_raise():
                 with pytest.raises(AssertionError, match="parallel_state"):
                     get_tensor_model_parallel_group_if_none(None)  # the patch is live
-                pol = load_hf(hf_dir, st)
+                # PP=2 without TP uses an uneven explicit split; TP=2 x PP=2 the default even split.
+                pol = load_hf(hf_dir, st, pipeline_layers=[3, 1] if (tp, pp) == (1, 2) else None)
                 full = _stage_forward(pol, st, inp["ids"])
                 packed = torch.cat(inp["pack"])[None]
                 seg = torch.cat([torch.full((n,), i) for i, n in enumerate(PACK_LENS)])[None]
@@ -181,7 +182,9 @@ def _spawned(rank: int, world: int, dirs: dict[str, str], out_dir: str, inp: dic
                 if rec:
                     logits, pad_ok = _strip(full)
                     res[(fam, tp, pp)] = dict(logits=logits, pad_ok=pad_ok, packed=_strip(pk)[0][0], kv=kv,
-                                              random=_strip(rnd)[0], padded=pol.padded_vocab_size)
+                                              random=_strip(rnd)[0], padded=pol.padded_vocab_size,
+                                              layers=pol.layer_ids, shared=[n for n, p in pol.named_parameters()
+                                                                            if getattr(p, "shared_embedding", 0)])
                 if (tp, pp) == (2, 1):
                     g = _grads(load_hf(hf_dir, st, activation_checkpointing=True), st, inp["ids"], inp["loss_w"])
                     if rank == 0:
@@ -231,6 +234,8 @@ def test_logits_match_transformers_at_every_layout(run, fam):
     for tp, pp in LAYOUTS:
         got = run["results"][(fam, tp, pp)]
         assert got["padded"] == (V if tp == 1 else 1002)
+        assert got["layers"] == ([3] if (tp, pp) == (1, 2) else [2, 3] if pp == 2 else [0, 1, 2, 3])
+        assert got["shared"] == (["head.weight"] if fam == "qwen2" and pp == 2 else [])  # tied copy on last stage
         assert got["pad_ok"], f"{fam} tp={tp} pp={pp}: padded logits are not finfo.min"
         _close(got["logits"], ref, f"{fam} tp={tp} pp={pp}")
 
