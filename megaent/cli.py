@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from megaent.config import ConfigError
+    from megaent.model.backends import BackendError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -144,7 +145,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_USAGE
     try:
         return fn(args)
-    except (ConfigError, UserError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+    except (ConfigError, UserError, BackendError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
         print(f"megaent {args.verb}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -34,9 +34,19 @@ def truncate_metrics(run_dir: str | Path, last_step: int) -> None:
     """Keep rows with step <= last_step (resume from a checkpoint taken after `last_step`)."""
     for name in ("metrics.jsonl", "samples.jsonl"):
         path = Path(run_dir) / name
-        if path.is_file():
-            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= last_step]
-            path.write_text("".join(ln + "\n" for ln in keep))
+        if not path.is_file():
+            continue
+        keep = []
+        for ln in path.read_text().splitlines():
+            try:
+                row = json.loads(ln)
+            except json.JSONDecodeError:  # a line cut by a kill -9 mid-write
+                continue
+            if row.get("step", last_step + 1) <= last_step:
+                keep.append(ln)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        tmp.replace(path)
 
 
 class MetricsSink:

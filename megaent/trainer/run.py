@@ -44,11 +44,32 @@ def _prepare_run_dir(run_dir: Path, cfg: Config, rank: int) -> None:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
 
 
+def preflight(cfg: Config) -> None:
+    """Cheap checks of paths before any process group or model exists, so a typo costs one line, exit 2."""
+    if cfg.model.path and not (Path(cfg.model.path) / "config.json").is_file():
+        raise ConfigError(f"model.path={cfg.model.path!r}: no config.json there; point it at a HuggingFace "
+                          "checkpoint directory (or leave it empty for the demo's own tiny policy)")
+    if cfg.data.path and not Path(cfg.data.path).is_file():
+        raise ConfigError(f"data.path={cfg.data.path!r}: file not found; give a .jsonl or .parquet prompt file "
+                          "(or leave it empty for the synthetic demo task)")
+    target = Path(cfg.trainer.run_dir) if cfg.trainer.run_dir else Path("runs")
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not os.access(probe, os.W_OK) or (probe.exists() and not probe.is_dir()):
+        raise ConfigError(f"trainer.run_dir={str(target)!r}: {probe} is not a writable directory; choose a "
+                          "writable trainer.run_dir")
+    from megaent.trainer.components import check_backend
+
+    check_backend(cfg.model)
+
+
 def train(cfg: Config, *, config_path: Optional[str] = None) -> int:
     """Run (or continue) training for `cfg`; collective over all launched ranks."""
     from megaent.parallel import destroy_parallel, init_parallel
     from megaent.trainer.trainer import Trainer
 
+    preflight(cfg)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     state = init_parallel(cfg.parallel.tp, cfg.parallel.pp, backend=cfg.parallel.backend,
                           timeout_s=cfg.parallel.timeout_s)
