@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megaent.algorithms.global_topk import INT63_MAX, global_topk_mask, ordered_key_f32, top_fraction_mean
+from megaent.algorithms.global_topk import INT63_MAX, global_topk_mask, ordered_key_f32
+from megaent.ops.metrics import top_fraction_mean
 from megaent.ops.stats import global_sum, masked_mean
 
 Group = Optional[dist.ProcessGroup]
@@ -54,7 +55,7 @@ def token_covariance(logprobs: torch.Tensor, advantages: torch.Tensor, mask: tor
 def covariance_stats(cov: torch.Tensor, mask: torch.Tensor, group: Group = None) -> dict[str, torch.Tensor]:
     """{"cov_mean", "cov_top_0.02pct"}: mean c_i and mean of the top 0.02% c_i over all ranks (0-d fp32)."""
     return {"cov_mean": masked_mean(cov, mask, group),
-            "cov_top_0.02pct": top_fraction_mean(cov, mask, COV_TOP_FRACTION, group=group)}
+            "cov_top_0.02pct": top_fraction_mean(cov, mask, COV_TOP_FRACTION, group)}
 
 
 # --- counter-based random priority -----------------------------------------------------------------------
@@ -114,7 +115,7 @@ def select_clip_cov(cov: torch.Tensor, mask: torch.Tensor, ppo_clipped: torch.Te
     candidates when fewer: the ones with the smallest `token_priority(uid, seed)` (ties by smaller uid),
     seed = `draw_seed(generator)`; all ranks must pass equally seeded generators.
     cov, mask, ppo_clipped, token_uid: [B, S] (any shape). Returns bool [B, S].
-    Collectives: 27 all-reduces on `group`; no host sync.
+    Collectives: 15 all-reduces on `group`; no host sync.
     """
     uid = _uids(token_uid, cov)
     m = mask.to(torch.bool)
@@ -129,7 +130,7 @@ def select_kl_cov(cov: torch.Tensor, mask: torch.Tensor, *, kl_cov_ratio: float,
     """KL-Cov selection: the top max(1, int(kl_cov_ratio * N_valid)) valid tokens by c_i over all ranks.
 
     Ties in c_i go to the smaller uid, so the set is deterministic and split-invariant.
-    cov, mask, token_uid: [B, S] (any shape). Returns bool [B, S]. Collectives: 27 all-reduces on `group`.
+    cov, mask, token_uid: [B, S] (any shape). Returns bool [B, S]. Collectives: 15 all-reduces on `group`.
     """
     uid = _uids(token_uid, cov)
     m = mask.to(torch.bool)

@@ -5,9 +5,11 @@ tokens of a whole mini-batch, whose tokens live on several data-parallel ranks
 (and micro-batches). verl reads N to the host (`.item()`) and runs
 `topk`/`randperm` per micro-batch. Here k stays a device tensor and the k-th
 largest key is found by a radix search over the key bits: each round
-all-reduces 16 counts ("how many keys are >= each of 16 candidate thresholds")
-and fixes 4 bits of the threshold. A 32-bit key takes 8 rounds; the 63-bit
-tie-break key 16 more. Every rank runs the same fixed sequence of collectives
+all-reduces 256 counts ("how many keys are >= each of 256 candidate
+thresholds", read off one local sort with searchsorted) and fixes 8 bits of
+the threshold. A 32-bit key takes 4 rounds; the 63-bit tie-break key 8 more.
+(The same radix select as `megaent.ops.metrics.top_fraction_mean`, which uses
+per-round histograms; this one also handles the 63-bit tie-break key.) Every rank runs the same fixed sequence of collectives
 whatever its data (ranks with no valid token included), and the result is the
 exact set a single process would pick from the concatenated batch. (The brief
 suggested all-gathering each rank's local k smallest; that needs k on the
@@ -27,7 +29,7 @@ from megaent.ops.stats import global_sum
 
 Group = Optional[dist.ProcessGroup]
 
-_RADIX_BITS = 4
+_RADIX_BITS = 8
 _KEY_BITS_F32 = 32
 _KEY_BITS_UID = 63
 INT63_MAX = (1 << 63) - 1
@@ -37,12 +39,6 @@ def ordered_key_f32(x: torch.Tensor) -> torch.Tensor:
     """fp32 values -> int64 keys in [0, 2^32) with the same order (IEEE bits, sign-folded)."""
     bits = x.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
     return torch.where(bits >= 0, bits + (1 << 31), -1 - bits)
-
-
-def key_to_f32(key: torch.Tensor) -> torch.Tensor:
-    """Inverse of `ordered_key_f32`."""
-    bits = torch.where(key >= (1 << 31), key - (1 << 31), -1 - key)
-    return bits.to(torch.int32).view(torch.float32)
 
 
 def _count_ge(sorted_keys: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
@@ -55,8 +51,8 @@ def kth_largest_key(keys: torch.Tensor, k: torch.Tensor, *, bits: int, group: Gr
 
     keys: int64, any shape, values in [0, 2^bits) or -1 (excluded); k: 0-d int64 >= 1, equal on all ranks.
     Returns a 0-d int64 t with global count(keys >= t) >= k > count(keys > t). If fewer than k keys are
-    valid the result is meaningless (callers check the total). Collectives: ceil(bits / 4) all-reduces of an
-    int64 16-vector on `group`, the same sequence on every rank.
+    valid the result is meaningless (callers check the total). Collectives: ceil(bits / 8) all-reduces of an
+    int64 256-vector on `group`, the same sequence on every rank.
     """
     sorted_keys = keys.reshape(-1).sort().values
     prefix = torch.zeros((), dtype=torch.int64, device=keys.device)
@@ -78,7 +74,7 @@ def global_topk_mask(primary: torch.Tensor, secondary: torch.Tensor, candidates:
     primary: int64 in [0, 2^32); secondary: int64 in [0, 2^63), unique per token across ranks (a token id)
     so the choice is exact; candidates: bool; all the same shape (any). k: 0-d int64 >= 1. Returns a bool
     mask of that shape: exactly k tokens selected over all ranks, or every candidate when there are at
-    most k. Collectives: 26 all-reduces on `group` (8 + 16 radix rounds, 2 counts).
+    most k. Collectives: 14 all-reduces on `group` (4 + 8 radix rounds, 2 counts).
     """
     cand = candidates.to(torch.bool)
     total = global_sum(cand.sum(), group)
@@ -90,22 +86,3 @@ def global_topk_mask(primary: torch.Tensor, secondary: torch.Tensor, candidates:
                          group=group)
     chosen = above | (tied & (secondary >= t2))
     return torch.where(total <= k, cand, chosen)
-
-
-def top_fraction_mean(x: torch.Tensor, mask: torch.Tensor, fraction: float, *, group: Group = None) -> torch.Tensor:
-    """Mean of the largest max(1, int(fraction * N)) values of x over the N masked entries of all ranks.
-
-    x: fp32 any shape; mask: bool same shape. Returns 0-d fp32 (0 when N = 0). Exact (ties at the
-    threshold count once each), no host sync. Private stand-in for `megaent.ops.metrics.top_fraction_mean`
-    (not written yet when this was). Collectives: 10 all-reduces on `group`.
-    """
-    m = mask.to(torch.bool)
-    n = global_sum(m.sum(), group)
-    k = torch.floor(n.to(torch.float64) * fraction).to(torch.int64).clamp(min=1)
-    key = torch.where(m, ordered_key_f32(x), -1)
-    t = kth_largest_key(key, k, bits=_KEY_BITS_F32, group=group)
-    above = m & (key > t)
-    xd = x.detach().to(torch.float64)
-    sums = global_sum(torch.stack([torch.where(above, xd, 0.0).sum(), above.sum().to(torch.float64)]), group)
-    mean = (sums[0] + (k - sums[1]) * key_to_f32(t).to(torch.float64)) / k
-    return torch.where(n > 0, mean, torch.zeros_like(mean)).to(torch.float32)

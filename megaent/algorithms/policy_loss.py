@@ -74,7 +74,7 @@ def select_tokens(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages
     All tensors [B, S] (this rank's whole mini-batch for cov_scope=global; any shape works). `generator`
     (clip_cov): equally seeded on every rank, e.g. from (trainer.seed, step, mini-batch). `cov`: a
     precomputed `token_covariance` over the same tokens and group. Returns bool [B, S] or None.
-    Collectives: ~28 small all-reduces on `group`; no host sync.
+    Collectives: 16 small all-reduces on `group`; no host sync.
     """
     if cfg.policy_loss not in POLICY_LOSSES:
         raise ValueError(f"algorithm.policy_loss={cfg.policy_loss!r}: must be one of {', '.join(POLICY_LOSSES)}")
@@ -131,7 +131,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     Stats (0-d fp32, detached, masked means over the valid tokens given, across `group`): pg_clipfrac,
     approx_kl (mean logp_old - logp), cov_mean, cov_top_0.02pct, selected_frac (clip_cov, kl_cov),
     entropy_mean (entropy given), kl_ref (ref_logprobs given).
-    Collectives on `group`: ~13 small all-reduces (+1 for the denominator, +~28 for an inner selection).
+    Collectives on `group`: 8 small all-reduces (+1 for the denominator, +15 for an inner selection).
     Edge cases: no valid token anywhere -> loss 0, stats 0; zero advantages -> c = 0, Clip-Cov selects
     nothing (c must exceed clip_cov_lb > 0), KL-Cov still selects its k tokens (ties -> smallest uid).
     """
