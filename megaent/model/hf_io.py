@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megaent.model.arch import ModelArch
-from megaent.model.hf_names import ParamSpec, Part, model_param_specs, tp_slice, unfuse_local, merge_tp
+from megaent.model.hf_names import ParamSpec, Part, merge_tp, model_param_specs, tp_slice, unfuse_local
 from megaent.model.policy import Policy
 from megaent.parallel import ParallelState
 
@@ -116,7 +116,8 @@ class _ShardWriter:
 
     def flush(self) -> None:
         if self.pending:
-            save_file(self.pending, str(self.out_dir / f"part-{len(self.files)}.safetensors"), metadata={"format": "pt"})
+            path = self.out_dir / f"part-{len(self.files)}.safetensors"
+            save_file(self.pending, str(path), metadata={"format": "pt"})
             self.files.append(list(self.pending))
             self.pending = {}
 

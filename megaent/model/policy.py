@@ -63,8 +63,8 @@ class Policy(torch.nn.Module):
         if state.is_last_stage:
             self.final_norm = RMSNorm(h, eps=arch.rms_norm_eps, dtype=dtype)
             self.head = ColumnParallelLinear(h, self.padded_vocab_size, config=cfg, init_method=_no_init, bias=False,
-                                             gather_output=False, skip_weight_param_allocation=self.head_reuses_embedding,
-                                             tp_group=grp)
+                                             gather_output=False, tp_group=grp,
+                                             skip_weight_param_allocation=self.head_reuses_embedding)
             pad = torch.arange(vl) >= self.local_vocab_valid
             self.register_buffer("_vocab_pad", pad if bool(pad.any()) else None, persistent=False)
         self.register_buffer("inv_freq", inv_frequencies(arch), persistent=False)
