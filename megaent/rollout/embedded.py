@@ -175,6 +175,7 @@ class EmbeddedEngine:
         m = max(c[4].max_new_tokens for c in chunk)
         rows, input_ids = self._build_rows(chunk, p_len, m, device)
         any_trunc = any(c[4].top_p < 1.0 or c[4].top_k > 0 for c in chunk)
+        any_greedy = any(c[4].temperature <= 0 for c in chunk)
         out_tok = torch.zeros(b0, m, dtype=torch.long, device=device)
         out_lp = torch.zeros(b0, m, dtype=torch.float32, device=device)
         out_len = torch.zeros(b0, dtype=torch.long, device=device)
@@ -186,7 +187,8 @@ class EmbeddedEngine:
         live = torch.ones(b0, dtype=torch.bool, device=device)
         for t in range(m):
             tok, lp = sample_next(logits, temperature=rows.temperature, top_p=rows.top_p, top_k=rows.top_k,
-                                  uniform=counter_uniform(rows.keys, t), need_truncation=any_trunc)
+                                  uniform=counter_uniform(rows.keys, t), need_truncation=any_trunc,
+                                  any_greedy=any_greedy)
             tok = torch.where(live, tok, self.pad_token_id)
             out_tok[rows.out_row, t] = tok
             out_lp[rows.out_row, t] = lp

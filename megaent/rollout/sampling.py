@@ -96,6 +96,7 @@ def sample_next(
     top_k: torch.Tensor,
     uniform: torch.Tensor,
     need_truncation: Optional[bool] = None,
+    any_greedy: Optional[bool] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row.
 
@@ -104,7 +105,7 @@ def sample_next(
     [0, 1) -> (tokens [B] int64, logprobs [B] fp32), logprobs = log softmax(logits /
     T) at the token over the full vocabulary (T = 1 for greedy rows). No
     collectives. Ties at a row's top-k / top-p cut-off are all kept. `need_truncation` (a host bool the caller already knows) skips
-    the device check of whether any row uses top-p / top-k.
+    the device check of whether any row uses top-p / top-k; `any_greedy` likewise for temperature 0.
     """
     logits = logits.float()
     greedy = temperature <= 0
@@ -125,5 +126,6 @@ def sample_next(
         cutoff = lp_sorted.gather(-1, kept - 1)  # [B, 1]
         probs = probs * (logp >= cutoff)
     tokens = _inverse_cdf(probs, uniform)
-    tokens = torch.where(greedy, logits.argmax(dim=-1), tokens)
+    if bool(greedy.any()) if any_greedy is None else any_greedy:
+        tokens = torch.where(greedy, logits.argmax(dim=-1), tokens)
     return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
