@@ -27,9 +27,9 @@ VOLATILE = ("time/", "tokens_per_s")
 @pytest.fixture(scope="session")
 def demo_policy(tmp_path_factory):
     from megaent.data.warmup import warmup_policy
+    from megaent.trainer.components import demo_policy_dir
 
-    cache = Path(os.environ.get("MEGAENT_CACHE", Path.home() / ".cache" / "megaent"))
-    return str(warmup_policy(cache / "demo-arith-seed0", seed=0))
+    return str(warmup_policy(demo_policy_dir("arith", 0), seed=0))
 
 
 def _env():

@@ -198,6 +198,8 @@ class TrainerConfig:
     """Weights & Biases project (empty = off)."""
     export_hf_every: int = 0
     """Steps between HuggingFace exports (0 = only at the end)."""
+    threads: int = 0
+    """torch intra-op threads per rank (0 = torch's default / OMP_NUM_THREADS); tiny CPU models run best on 1."""
 
 
 @dataclass

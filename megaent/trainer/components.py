@@ -45,13 +45,30 @@ def prepare_policy_dir(cfg: Config, *, run_dir: Path, state: ParallelState) -> P
     if cfg.data.task not in SYNTHETIC_TASKS:
         raise ConfigError(f"data.task={cfg.data.task!r}: unknown synthetic task; choose one of "
                           f"{sorted(SYNTHETIC_TASKS)} or set model.path to a HF checkpoint")
-    out = cache_dir() / f"demo-{cfg.data.task}-seed{cfg.trainer.seed}"
+    out = demo_policy_dir(cfg.data.task, cfg.trainer.seed)
     if state.rank == 0:
         log.info("demo: warming a tiny policy on the %r task (cached in %s)", cfg.data.task, out)
         warmup_policy(out, seed=cfg.trainer.seed)
     if state.world_size > 1:
         dist.barrier()
     return out
+
+
+def _warmup_version() -> str:
+    """A short hash of the warm-up's default arguments: a changed recipe gets a fresh cache entry."""
+    import hashlib
+    import inspect
+
+    from megaent.data.warmup import warmup_policy
+
+    sig = inspect.signature(warmup_policy)
+    text = repr(sorted((k, v.default) for k, v in sig.parameters.items() if v.default is not inspect.Parameter.empty))
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def demo_policy_dir(task: str, seed: int) -> Path:
+    """Where the demo's warmed policy for (task, seed) is cached."""
+    return cache_dir() / f"demo-{task}-seed{seed}-{_warmup_version()}"
 
 
 def load_tokenizer(hf_dir: Path) -> Any:

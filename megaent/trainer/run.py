@@ -70,6 +70,10 @@ def train(cfg: Config, *, config_path: Optional[str] = None) -> int:
     from megaent.trainer.trainer import Trainer
 
     preflight(cfg)
+    if cfg.trainer.threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.trainer.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     state = init_parallel(cfg.parallel.tp, cfg.parallel.pp, backend=cfg.parallel.backend,
                           timeout_s=cfg.parallel.timeout_s)

@@ -192,6 +192,8 @@ class Trainer:
             vals = [u[key] for u in update_stats if u.get(key) is not None]
             if vals:
                 metrics[key] = sum(vals) / len(vals)
+        if cfg.algorithm.policy_loss != "ppo" and "actor/selected_frac" in metrics:
+            metrics[f"{cfg.algorithm.policy_loss}/selected_frac"] = metrics["actor/selected_frac"]
         if update_stats:  # grad_norm etc. are means over the step's updates; lr is the last one used
             metrics["lr"] = update_stats[-1]["lr"]
             metrics["optimizer/updates"] = float(len(update_stats))
