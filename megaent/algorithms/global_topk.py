@@ -1,22 +1,19 @@
 """Exact global top-k over tokens spread across ranks, with no host sync.
 
-Clip-Cov and KL-Cov pick k = max(1, int(ratio * N)) tokens out of the N valid
-tokens of a whole mini-batch, whose tokens live on several data-parallel ranks
-(and micro-batches). verl reads N to the host (`.item()`) and runs
-`topk`/`randperm` per micro-batch. Here k stays a device tensor and the k-th
-largest key is found by a radix search over the key bits: each round
-all-reduces 256 counts ("how many keys are >= each of 256 candidate
-thresholds", read off one local sort with searchsorted) and fixes 8 bits of
-the threshold. A 32-bit key takes 4 rounds; the 63-bit tie-break key 8 more.
-(The same radix select as `megaent.ops.metrics.top_fraction_mean`, which uses
-per-round histograms; this one also handles the 63-bit tie-break key.) Every rank runs the same fixed sequence of collectives
-whatever its data (ranks with no valid token included), and the result is the
-exact set a single process would pick from the concatenated batch. (The brief
-suggested all-gathering each rank's local k smallest; that needs k on the
-host and padded gathers, this does not.)
+Clip-Cov and KL-Cov pick k = max(1, int(ratio * N)) tokens out of the N valid tokens of a whole
+mini-batch, whose tokens live on several data-parallel ranks (and micro-batches). verl reads N to the
+host (`.item()`) and runs `topk`/`randperm` per micro-batch. Here k stays a device tensor and the k-th
+largest key is found by a radix select over the key bits: each round all-reduces 256 counts ("how many
+keys are >= each of 256 candidate thresholds", read off one local sort with searchsorted) and fixes 8
+bits of the threshold. A 32-bit key takes 4 rounds; the 63-bit tie-break key 8 more. (The same idea as
+`megaent.ops.metrics.top_fraction_mean`, which histograms per round; this one also resolves ties by a
+63-bit token id.) Every rank runs the same fixed sequence of collectives whatever its data (ranks with
+no valid token included), and the result is exactly the set one process would pick from the
+concatenated batch. Gathering each rank's local k smallest instead would need k on the host and padded
+gathers.
 
-Keys are int64 >= 0, larger = preferred; a token outside the candidate set
-gets key -1. `ordered_key_f32` maps fp32 values to such keys preserving order.
+Keys are int64 >= 0, larger = preferred; a token outside the candidate set gets key -1.
+`ordered_key_f32` maps fp32 values to such keys preserving their order.
 """
 from __future__ import annotations
 
