@@ -88,6 +88,8 @@ class RolloutConfig:
     """Top-k sampling (-1 = off)."""
     max_new_tokens: int = 64
     """Maximum response length in tokens."""
+    ignore_eos: bool = False
+    """Sample every response to max_new_tokens: EOS does not stop a sample (benchmarks with equal lengths)."""
     request_timeout_s: float = 600.0
     """HTTP timeout of one generate request."""
     weight_sync: Literal["disk", "nccl"] = "disk"

@@ -71,7 +71,8 @@ class RolloutPhase:
     def params(self, *, seed: int) -> SamplingParams:
         c = self.cfg
         return SamplingParams(n=c.n_samples, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
-                              top_p=c.top_p, top_k=c.top_k, stop_token_ids=tuple(self.eos), seed=seed)
+                              top_p=c.top_p, top_k=c.top_k, stop_token_ids=() if c.ignore_eos else tuple(self.eos),
+                              ignore_eos=c.ignore_eos, seed=seed)
 
     def generate(self, prompts: list[list[int]], *, step: int, round_: int = 0) -> list[list[Sample]]:
         """Collective: samples[i][j] = j-th sample of prompt i, identical on every rank."""
