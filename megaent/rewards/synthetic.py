@@ -1,10 +1,13 @@
 """Synthetic verifiable task for the CPU demo: multi-digit addition.
 
-A prompt is `"<a>+<b>="` and the answer the decimal sum, e.g. `"12+345="` ->
-`"357"`. Operand lengths are drawn uniformly from 1..`max_digits`, so short
-sums are easy and long sums with carries are hard for a tiny model: after a
-short supervised warm-up (`megaent.data.warmup`) the policy is right on a
-fraction of prompts, which leaves RL something to learn and entropy to spend.
+A prompt is `"<a>+<b>="` and the answer the decimal sum. By default operands
+are zero-padded to `max_digits` and the sum to `max_digits + 1`
+(`"07+24="` -> `"031"`): aligned digits let a 2-layer model learn the task
+in a few hundred steps; `fixed_width=False` gives the natural form
+(`"12+345="` -> `"357"`), which a tiny model learns far more slowly. Operand
+lengths are drawn uniformly from 1..`max_digits`. After a short supervised
+warm-up (`megaent.data.warmup`) the policy is right on a fraction of prompts,
+which leaves RL something to learn and entropy to spend.
 
 Problems are a pure function of (seed, index): `problem(i)` never depends on
 which other problems were drawn, so datasets are lazy and exactly resumable.
@@ -22,10 +25,12 @@ _DIGITS = re.compile(r"[0-9]+")
 class ArithTask:
     """Addition of two non-negative integers with 1..max_digits digits each."""
 
-    max_digits: int = 3
+    max_digits: int = 2
     """Longest operand length in digits."""
     seed: int = 0
     """Seed of the problem stream; problem(i) depends only on (seed, i)."""
+    fixed_width: bool = True
+    """Zero-pad operands to max_digits and the sum to max_digits + 1 ("07+24=" -> "031"): aligned digits, easier to learn."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_digits <= 18:
@@ -36,6 +41,9 @@ class ArithTask:
         rng = random.Random(f"arith/{self.seed}/{self.max_digits}/{index}")
         a = self._operand(rng)
         b = self._operand(rng)
+        if self.fixed_width:
+            w = self.max_digits
+            return f"{a:0{w}d}+{b:0{w}d}=", f"{a + b:0{w + 1}d}"
         return f"{a}+{b}=", str(a + b)
 
     def _operand(self, rng: random.Random) -> int:
