@@ -8,6 +8,11 @@ load. The step count and task difficulty are chosen so the policy is right on
 some but far from all held-out prompts under temperature-1 sampling: RL then
 has reward to gain and entropy to spend.
 
+Measured with the defaults (2 layers, hidden 128, fixed-width 2-digit sums,
+batch 32, lr 3e-3 cosine), temperature-1 sampled success on held-out prompts:
+400 steps 12%, 500 steps 32%, 600 steps 55% (greedy: 26% / - / 71%); 500 steps
+took ~150 s on 2 heavily shared CPU cores.
+
 Deterministic given the arguments (seeded init, seeded data, one torch thread
 during training). Cached: a directory with a completion marker written by the
 same arguments is returned as is.
