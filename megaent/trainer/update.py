@@ -89,19 +89,36 @@ def compute_logprobs(policy: Any, micro_batches: Sequence[MicroBatch], *, state:
                            hidden_size=hidden, dtype=dtype)
     finally:
         policy.train(was_training)
+    return _share_logprobs(micro_batches, res if state.is_last_stage else None, state=state, fill_old=fill_old,
+                           samples=samples)
+
+
+def _share_logprobs(micro_batches: Sequence[MicroBatch], res: Optional[list[tuple[torch.Tensor, torch.Tensor]]], *,
+                    state: ParallelState, fill_old: bool, samples: Optional[Sequence[TrainSample]]
+                    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Last stage's (logp, entropy) [1, S] per micro-batch -> `mb.logprobs` / `mb.entropy` on every stage (and
+    the old log-probs with `fill_old`); returns {uid: (logprobs, entropy)}. 1 broadcast on pp_group."""
     flat = [t for pair in res for t in pair] if state.is_last_stage else None
     like = [mb.mask for mb in micro_batches for _ in range(2)]
     flat = broadcast_from_last_stage(flat, like, state=state)
-    by_uid = {s.uid: s for s in samples or []}
-    out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for k, mb in enumerate(micro_batches):
         mb.logprobs, mb.entropy = flat[2 * k].float(), flat[2 * k + 1].float()
         if fill_old:
             mb.old_logprobs = mb.logprobs.clone()
+    return logprobs_by_uid(micro_batches, samples=samples if fill_old else None)
+
+
+def logprobs_by_uid(micro_batches: Sequence[MicroBatch], *, samples: Optional[Sequence[TrainSample]] = None
+                    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """{uid: (logprobs, entropy) [L - prompt_len]} from `mb.logprobs` / `mb.entropy`; also sets
+    `sample.old_logprobs` of the given `samples` (matched by uid). No collectives."""
+    by_uid = {s.uid: s for s in samples or []}
+    out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for mb in micro_batches:
         lps, ents = unpack_response(mb.logprobs, mb), unpack_response(mb.entropy, mb)
         for uid in mb.uids:
             out[uid] = (lps[uid], ents[uid])
-            if fill_old and uid in by_uid:
+            if uid in by_uid:
                 by_uid[uid].old_logprobs = lps[uid].clone()
     return out
 
@@ -159,11 +176,17 @@ def _global_selection(policy: Any, mbs: Sequence[MicroBatch], *, loss_cfg: LossC
 
 def train_mini_batch(policy: Any, optimizer: Any, micro_batches: Sequence[MicroBatch], *, loss_cfg: LossConfig,
                      state: ParallelState, generator: Optional[torch.Generator] = None, temperature: float = 1.0,
-                     fused_head: bool = False, bucket_mb: float = 25.0) -> dict[str, float]:
+                     fused_head: bool = False, bucket_mb: float = 25.0, old_from_current: bool = False
+                     ) -> dict[str, float]:
     """One optimizer update on this rank's micro-batches of a mini-batch (see the module docstring).
 
     micro_batches: this DP rank's share, packed (`make_micro_batches`, equal count
-    on all DP ranks), with `old_logprobs` filled. generator: seeded equally on all
+    on all DP ranks), with `old_logprobs` filled, or, with `old_from_current` (the
+    on-policy case: one update right after the rollout, PPO), not filled: the
+    training forward's own log-probs, detached, are the old ones (ratio 1, the same
+    gradient as a separate forward-only pass without its cost; TRL does this with
+    num_iterations=1), and `mb.logprobs` / `mb.entropy` (pre-update, every stage,
+    1 broadcast on pp_group) are set for `batch_metrics`. generator: seeded equally on all
     ranks (Clip-Cov). Returns floats, equal on every rank: actor/loss (the
     mini-batch loss) and actor/<policy_loss stats> averaged over micro-batches,
     plus grad_norm, clip_coef, lr, skipped from the optimizer.
@@ -175,6 +198,10 @@ def train_mini_batch(policy: Any, optimizer: Any, micro_batches: Sequence[MicroB
     policy.train()
     denom = loss_denominator([mb.mask for mb in micro_batches], loss_cfg, dp)
     global_scope = loss_cfg.policy_loss != "ppo" and loss_cfg.cov_scope == "global"
+    if old_from_current and global_scope:
+        raise ValueError(f"old_from_current needs policy_loss='ppo' or cov_scope='micro_batch' (got "
+                         f"{loss_cfg.policy_loss!r}, {loss_cfg.cov_scope!r}): the global selection needs old "
+                         "log-probs before the update")
     selected = _global_selection(policy, micro_batches, loss_cfg=loss_cfg, state=state, generator=generator,
                                  temperature=temperature, fused_head=fused_head) if global_scope else {}
     loss_group = dp if global_scope or loss_cfg.policy_loss == "ppo" else None
@@ -183,6 +210,9 @@ def train_mini_batch(policy: Any, optimizer: Any, micro_batches: Sequence[MicroB
         lp, ent = _logprobs_entropy(policy, out, mb, temperature=temperature, fused_head=fused_head,
                                     entropy_grad=loss_cfg.entropy_coef != 0.0)
         ref = mb.ref_logprobs if loss_cfg.kl_coef != 0.0 else None
+        if old_from_current:
+            mb.logprobs, mb.entropy = (lp.detach() * mb.mask).float(), (ent.detach() * mb.mask).float()
+            mb.old_logprobs = mb.logprobs
         loss, stats = policy_loss(lp, mb.old_logprobs, mb.advantages, mb.mask, loss_cfg, loss_group, generator,
                                   selected=selected.get(id(mb)), token_uid=mb.token_uid, denominator=denom,
                                   entropy=ent, ref_logprobs=ref)
@@ -191,6 +221,9 @@ def train_mini_batch(policy: Any, optimizer: Any, micro_batches: Sequence[MicroB
     optimizer.zero_grad()
     per_mb = forward_backward_1f1b(_stage_fn(policy, fused_head=fused_head), micro_batches, loss_fn=loss_fn,
                                    state=state, hidden_size=hidden, dtype=dtype)
+    if old_from_current and state.pp > 1:
+        _share_logprobs(micro_batches, [(mb.logprobs, mb.entropy) for mb in micro_batches]
+                        if state.is_last_stage else None, state=state, fill_old=True, samples=None)
     reduce_gradients(policy, state=state, bucket_mb=bucket_mb)
     opt_stats = optimizer.step()
     optimizer.zero_grad()
