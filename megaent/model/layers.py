@@ -16,7 +16,8 @@ Local layouts of the fused weights (rows of this rank's shard):
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -64,6 +65,56 @@ class RMSNorm(torch.nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+@dataclass(frozen=True)
+class SegmentLayout:
+    """Packed rows as a padded batch of segments, for attention that costs sum(L_seg^2), not S^2.
+
+    A packed micro-batch row holds many short samples; a dense [S, S] segment mask makes attention quadratic
+    in the row length. Instead each segment is gathered into its own row of a [n_seg, L_max] batch (right
+    padded), attended with plain causal SDPA (a valid query never sees the padding after it), and scattered
+    back. gather [n_seg * L_max] indexes flattened [B * S] positions (padding points at position 0, ignored);
+    scatter [B * S] indexes the flattened padded batch. Built once per forward, shared by all layers.
+    """
+
+    gather: torch.Tensor
+    scatter: torch.Tensor
+    n_seg: int
+    max_len: int
+
+    @staticmethod
+    def from_segment_ids(segment_ids: torch.Tensor) -> "SegmentLayout":
+        """segment_ids [B, S]: a segment is a run of equal ids within a row."""
+        b, s = segment_ids.shape
+        flat = segment_ids.reshape(-1)
+        pos = torch.arange(b * s, device=flat.device)
+        new = torch.ones(b * s, dtype=torch.bool, device=flat.device)
+        new[1:] = (flat[1:] != flat[:-1]) | (pos[1:] % s == 0)
+        seg = torch.cumsum(new.to(torch.long), 0) - 1  # [B*S] segment of each position
+        starts = pos[new]  # [n_seg]
+        lengths = torch.diff(torch.cat([starts, pos.new_tensor([b * s])]))
+        n_seg, max_len = int(starts.numel()), int(lengths.max())  # one host sync per forward
+        scatter = seg * max_len + (pos - starts[seg])
+        gather = torch.zeros(n_seg * max_len, dtype=torch.long, device=flat.device)
+        gather[scatter] = pos
+        return SegmentLayout(gather=gather, scatter=scatter, n_seg=n_seg, max_len=max_len)
+
+
+def _segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SegmentLayout, *, scale: float,
+                       gqa: bool) -> torch.Tensor:
+    """q [B, Nl, S, D], k/v [B, KVl, S, D] -> [B, S, Nl, D]: causal attention inside each packed segment."""
+    b, _, s, d = q.shape
+
+    def pad(x: torch.Tensor) -> torch.Tensor:  # [B, n, S, D] -> [n_seg, n, L_max, D]
+        n = x.shape[1]
+        flat = x.transpose(1, 2).reshape(b * s, n, d)
+        return flat[layout.gather].view(layout.n_seg, layout.max_len, n, d).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), is_causal=True, scale=scale, enable_gqa=gqa)
+    n_q = q.shape[1]
+    out = out.transpose(1, 2).reshape(layout.n_seg * layout.max_len, n_q, d)[layout.scatter]
+    return out.view(b, s, n_q, d)
+
+
 class SelfAttention(torch.nn.Module):
     """Grouped-query causal self-attention over this rank's Nl = N/TP query and KVl = KV/TP key/value heads."""
 
@@ -78,7 +129,7 @@ class SelfAttention(torch.nn.Module):
         self.proj = _RowParallelLinear(arch.q_size, arch.hidden_size, config=config, init_method=_no_init,
                                        bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor], *,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: "Optional[torch.Tensor | SegmentLayout]", *,
                 kv_cache: Optional[KVCache] = None, slot: int = 0) -> torch.Tensor:
         """x [B, S, H], cos/sin [B, S, D], mask [B, 1, S, S_k] bool (True = attend) or None (plain causal)
         -> [B, S, H]. With `kv_cache`, new K/V are written to `slot` and attention spans cache + new tokens."""
@@ -92,9 +143,13 @@ class SelfAttention(torch.nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(slot, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                             scale=1.0 / math.sqrt(d), enable_gqa=self.n_q != self.n_kv)
-        out = out.transpose(1, 2).reshape(b, s, self.n_q * d)
+        if isinstance(mask, SegmentLayout):
+            out = _segment_attention(q, k, v, mask, scale=1.0 / math.sqrt(d), gqa=self.n_q != self.n_kv)
+            out = out.reshape(b, s, self.n_q * d)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                 scale=1.0 / math.sqrt(d), enable_gqa=self.n_q != self.n_kv)
+            out = out.transpose(1, 2).reshape(b, s, self.n_q * d)
         out, _ = self.proj(out)
         return out
 
@@ -130,7 +185,7 @@ class DecoderLayer(torch.nn.Module):
         self.post_norm = RMSNorm(arch.hidden_size, eps=arch.rms_norm_eps, dtype=dtype)
         self.mlp = SwiGLU(arch, tp_group=tp_group, config=config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor], *,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: "Optional[torch.Tensor | SegmentLayout]", *,
                 kv_cache: Optional[KVCache] = None, slot: int = 0) -> torch.Tensor:
         """x [B, S, H] -> [B, S, H]; see `SelfAttention.forward` for the other arguments."""
         h = x + self.attn(self.input_norm(x), cos, sin, mask, kv_cache=kv_cache, slot=slot)
@@ -138,8 +193,10 @@ class DecoderLayer(torch.nn.Module):
 
 
 def build_attention_mask(*, q_len: int, cache_len: int, key_mask: Optional[torch.Tensor],
-                   segment_ids: Optional[torch.Tensor], batch: int, device: torch.device) -> Optional[torch.Tensor]:
-    """Boolean attention mask [B, 1, S, S_k] (True = attend), or None when plain causal attention suffices.
+                   segment_ids: Optional[torch.Tensor], batch: int, device: torch.device
+                   ) -> Union[None, torch.Tensor, SegmentLayout]:
+    """Boolean attention mask [B, 1, S, S_k] (True = attend), None when plain causal attention suffices, or a
+    `SegmentLayout` for packed rows without padding or cache (same result, linear instead of quadratic cost).
 
     Query i sits at absolute position cache_len + i and sees key j when j <= cache_len + i,
     key_mask[b, j] is True (key padding; S_k = cache_len + S) and, with segment_ids [B, S], the
@@ -148,6 +205,8 @@ def build_attention_mask(*, q_len: int, cache_len: int, key_mask: Optional[torch
     """
     if key_mask is None and segment_ids is None and cache_len == 0:
         return None
+    if segment_ids is not None and key_mask is None and cache_len == 0:
+        return SegmentLayout.from_segment_ids(segment_ids)  # packed rows: per-segment attention
     s_k = cache_len + q_len
     q_pos = torch.arange(cache_len, s_k, device=device)[:, None]
     k_pos = torch.arange(s_k, device=device)[None, :]
