@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -106,55 +105,24 @@ def export_hf(policy: Any, state: ParallelState, out: Path) -> Path:
     return Path(save_hf(policy, state, out))
 
 
-@dataclass
-class Prompt:
-    ids: list[int]
-    text: str
-    answer: str
-
-
 SYNTHETIC_TASKS = ("arith",)
+HELD_OUT_SEED = 1_000_003  # RL draws synthetic problems from another stream than the warm-up trained on
 
 
-class SyntheticPrompts:
-    """The demo task as a prompt stream: problem i of `ArithTask(seed)` for i = 0, 1, ...; resumable by index.
+def build_prompts(cfg: DataConfig, tokenizer: Any, *, seed: int, batch_size: int) -> Any:
+    """Prompt stream (`next_batch()`, `state_dict()`): the synthetic task when data.path is empty, else the
+    jsonl/parquet dataset, shuffled deterministically from trainer.seed with an exact resume position."""
+    from megaent.data.loader import PromptLoader
+    from megaent.data.prompts import DataError
+    from megaent.data.prompts import build_prompts as build_dataset
 
-    Problems are a pure function of (seed, index), so the stream is identical on every rank and a saved
-    index resumes it exactly. The seed is offset from the warm-up's, so RL sees held-out problems.
-    """
-
-    def __init__(self, tokenizer: Any, *, seed: int) -> None:
-        from megaent.rewards.synthetic import ArithTask
-
-        self.task = ArithTask(seed=seed + 1_000_003)
-        self.tokenizer = tokenizer
-        self.index = 0
-
-    def next_batch(self, n: int) -> list[Prompt]:
-        out = []
-        for i in range(self.index, self.index + n):
-            text, answer = self.task.problem(i)
-            out.append(Prompt(ids=list(self.tokenizer(text).input_ids), text=text, answer=answer))
-        self.index += n
-        return out
-
-    def state_dict(self) -> dict[str, int]:
-        return {"index": self.index}
-
-    def load_state_dict(self, sd: dict[str, int]) -> None:
-        self.index = int(sd["index"])
-
-
-def build_prompts(cfg: DataConfig, tokenizer: Any, *, seed: int) -> Any:
-    """Prompt stream: the synthetic task when data.path is empty, else the jsonl/parquet dataset."""
-    if not cfg.path:
-        return SyntheticPrompts(tokenizer, seed=seed)
-    path = Path(cfg.path)
-    if not path.is_file():
+    if cfg.path and not Path(cfg.path).is_file():
         raise ConfigError(f"data.path={cfg.path!r}: file not found; give a .jsonl or .parquet prompt file")
-    from megaent.data.prompts import build_prompt_stream
-
-    return build_prompt_stream(cfg, tokenizer, seed=seed)
+    try:
+        ds = build_dataset(cfg, tokenizer=tokenizer, seed=seed if cfg.path else seed + HELD_OUT_SEED)
+        return PromptLoader(ds, batch_size=batch_size, seed=seed, shuffle=cfg.shuffle)
+    except (DataError, ValueError) as exc:  # malformed rows, too few prompts: the user's data to fix
+        raise ConfigError(str(exc)) from None
 
 
 class Scorer:

@@ -75,6 +75,9 @@ def train(cfg: Config, *, config_path: Optional[str] = None) -> int:
 
         torch.set_num_threads(cfg.trainer.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from megaent.trainer.signals import StopFlag
+
+    stop = StopFlag().install()  # before anything slow: a USR1 during start-up still checkpoints cleanly
     state = init_parallel(cfg.parallel.tp, cfg.parallel.pp, backend=cfg.parallel.backend,
                           timeout_s=cfg.parallel.timeout_s)
     trainer = None
@@ -94,11 +97,12 @@ def train(cfg: Config, *, config_path: Optional[str] = None) -> int:
                 raise ConfigError(f"trainer.run_dir={str(run_dir)!r} is not writable (see rank 0)")
         if state.rank == 0:
             log.info("run directory %s", run_dir)
-        trainer = Trainer(cfg, run_dir=run_dir, state=state)
+        trainer = Trainer(cfg, run_dir=run_dir, state=state, stop=stop)
         return trainer.fit()
     finally:
         if trainer is not None:
             trainer.close()
+        stop.uninstall()
         destroy_parallel()
 
 

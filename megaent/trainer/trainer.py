@@ -11,7 +11,6 @@ seeds derived from (trainer.seed, step, ...), so a resumed run continues exactly
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -37,7 +36,7 @@ EXIT_OK, EXIT_REQUEUE = 0, 3
 
 
 class Trainer:
-    def __init__(self, cfg: Config, *, run_dir: Path, state: ParallelState) -> None:
+    def __init__(self, cfg: Config, *, run_dir: Path, state: ParallelState, stop: Optional[StopFlag] = None) -> None:
         self.cfg, self.run_dir, self.state = cfg, run_dir, state
         t = cfg.trainer
         torch.manual_seed(t.seed)
@@ -49,20 +48,21 @@ class Trainer:
 
         self.optimizer = build_optimizer(self.policy, cfg=cfg.optimizer, state=state,
                                          total_steps=t.steps * updates_per_step)
-        self.prompts = components.build_prompts(cfg.data, self.tokenizer, seed=t.seed)
+        self.prompts = components.build_prompts(cfg.data, self.tokenizer, seed=t.seed, batch_size=t.prompts_per_step)
         self.scorer = components.build_scorer(cfg.reward, cfg.data) if state.rank == 0 else None
         self.rollout = RolloutPhase(cfg.rollout, policy=self.policy, state=state, hf_dir=str(self.hf_dir),
                                     run_dir=run_dir, eos_token_ids=components.eos_ids(self.tokenizer, self.hf_dir),
                                     seed=t.seed)
         self.dynamics = EntropyDynamics()
-        self.sink = MetricsSink(run_dir, enabled=state.rank == 0, wandb_project=t.wandb_project,
-                                run_name=run_dir.name)
-        self.stop = StopFlag().install()
+        self.sink: Optional[MetricsSink] = None  # opened in fit(), after a resume has truncated the files
+        self.stop = stop or StopFlag().install()
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> int:
         t = self.cfg.trainer
         start = self.restore()
+        self.sink = MetricsSink(self.run_dir, enabled=self.state.rank == 0, wandb_project=t.wandb_project,
+                                run_name=self.run_dir.name)
         progress = Progress(t.steps, start, enabled=self.state.rank == 0, quiet=t.quiet)
         try:
             for step in range(start + 1, t.steps + 1):
@@ -86,14 +86,15 @@ class Trainer:
     def close(self) -> None:
         self.stop.uninstall()
         self.rollout.close()
-        self.sink.close()
+        if self.sink is not None:
+            self.sink.close()
         if self.scorer is not None:
             self.scorer.close()
 
     # ------------------------------------------------------------------ one step
     def train_step(self, step: int) -> dict[str, float]:
         t0 = time.monotonic()
-        samples, roll = self.collect(step)
+        samples, roll, texts = self.collect(step)
         t_roll = time.monotonic() - t0
         mine = partition_groups(samples, self.state.dp)[self.state.dp_rank]
         metrics = dict(roll)
@@ -105,56 +106,66 @@ class Trainer:
         metrics.update({"time/rollout_s": t_roll, "time/train_s": t_train, "time/step_s": step_s,
                         "tokens_per_s": tokens / max(step_s, 1e-9), "rollout/sync_shared": float(route == "shared")})
         if self.state.rank == 0:
-            self.sink.log_samples(step, roll.pop("_samples", []) if "_samples" in roll else [])
-        metrics.pop("_samples", None)
+            self.sink.log_samples(step, texts)
         return metrics
 
-    def collect(self, step: int) -> tuple[list[TrainSample], dict[str, Any]]:
-        """Rollouts + rewards + group filter + advantages -> TrainSamples (identical on every rank)."""
-        a, t = self.cfg.algorithm, self.cfg.trainer
-        G = self.cfg.rollout.n_samples
-        kept: list[tuple[Any, list[Any], list[float]]] = []  # (prompt, samples, rewards) per kept group
-        all_rewards: list[float] = []
-        lengths: list[int] = []
-        timeouts, rounds = 0, 0
-        first_texts: list[dict] = []
-        while len(kept) < t.prompts_per_step and rounds < (a.group_filter_max_tries if a.group_filter else 1):
-            need = t.prompts_per_step - len(kept)
-            prompts = self.prompts.next_batch(need if rounds else t.prompts_per_step)
-            groups = self.rollout.generate([p.ids for p in prompts], step=step, round_=rounds)
-            rewards, tmo = self.score(prompts, groups)
-            timeouts += tmo
+    def collect(self, step: int) -> tuple[list[TrainSample], dict[str, float], list[dict]]:
+        """Rollouts + rewards + group filter + advantages -> (TrainSamples identical on every rank, metrics,
+        a few decoded samples for samples.jsonl on rank 0).
+
+        Group filter (DAPO dynamic sampling, `megaent.data.group_filter.fill_batch`): each round rolls out a
+        full batch of fresh prompts and keeps the groups whose rewards differ, until prompts_per_step groups
+        are kept or algorithm.group_filter_max_tries rounds are spent.
+        """
+        from megaent.data.group_filter import fill_batch
+
+        a, t, G = self.cfg.algorithm, self.cfg.trainer, self.cfg.rollout.n_samples
+        seen: dict[str, list] = {"rewards": [], "lengths": [], "texts": [], "timeouts": [0]}
+        self._rollout_lps = {}
+
+        def sample_more(missing: int, round_: int) -> tuple[list, list[list[float]]]:
+            prompts = self.prompts.next_batch()
+            groups = self.rollout.generate([list(p.ids) for p in prompts], step=step, round_=round_)
+            rewards, timeouts = self.score(prompts, groups)
+            seen["timeouts"][0] += timeouts
             for p, g, r in zip(prompts, groups, rewards):
-                all_rewards.extend(r)
-                lengths.extend(len(s.output_ids) for s in g)
-                if self.state.rank == 0 and len(first_texts) < t.samples_to_log:
-                    first_texts.append({"prompt": p.text, "response": self.tokenizer.decode(g[0].output_ids),
-                                        "reward": r[0], "answer": p.answer})
-                if not a.group_filter or max(r) > min(r) or G == 1:
-                    kept.append((p, g, r))
-            rounds += 1
-        kept = kept[: t.prompts_per_step]
-        if len(kept) < t.prompts_per_step:
+                seen["rewards"].extend(r)
+                seen["lengths"].extend(len(s.output_ids) for s in g)
+                if self.state.rank == 0 and len(seen["texts"]) < t.samples_to_log:
+                    seen["texts"].append({"prompt": p.text, "response": self.tokenizer.decode(g[0].output_ids),
+                                          "reward": r[0], "answer": p.answer})
+            kept = list(zip(prompts, groups, rewards))
+            # Without the filter every group counts as informative (fill_batch keeps what differs).
+            return kept, (rewards if a.group_filter else [[0.0, 1.0]] * len(groups))
+
+        res = fill_batch(sample_more, target=t.prompts_per_step, max_tries=a.group_filter_max_tries if a.group_filter
+                         else 1)
+        if not res.full:
             log.warning("step %d: group filter kept %d/%d groups after %d rounds; training on what was kept",
-                        step, len(kept), t.prompts_per_step, rounds)
+                        step, len(res.groups), t.prompts_per_step, res.rounds)
         samples: list[TrainSample] = []
-        if kept:
-            rew = torch.tensor([r for _, _, r in kept], dtype=torch.float32)  # [N, G]
-            adv = compute_advantages(rew, estimator=a.advantage, norm_by_std=a.norm_adv_by_std)
-            for gi, (p, g, _) in enumerate(kept):
+        if res.groups:
+            rewards = self._group_rewards(res.groups)
+            adv = compute_advantages(torch.tensor(rewards, dtype=torch.float32), estimator=a.advantage,
+                                     norm_by_std=a.norm_adv_by_std)  # [N, G]
+            for gi, (_, g, _) in enumerate(res.groups):
                 for j, s in enumerate(g):
-                    tokens = torch.tensor(list(s.prompt_ids) + list(s.output_ids), dtype=torch.long)
-                    samples.append(TrainSample(tokens=tokens, prompt_len=len(s.prompt_ids),
-                                               advantage=float(adv[gi, j]), group=gi, uid=gi * G + j,
-                                               old_logprobs=None))
-                    samples[-1].rollout_logprobs = torch.tensor(s.logprobs, dtype=torch.float32)
-        r = torch.tensor(all_rewards) if all_rewards else torch.zeros(1)
+                    uid = gi * G + j
+                    samples.append(TrainSample(tokens=torch.tensor(list(s.prompt_ids) + list(s.output_ids)),
+                                               prompt_len=len(s.prompt_ids), advantage=float(adv[gi, j]),
+                                               group=gi, uid=uid))
+                    self._rollout_lps[uid] = s.logprobs
+        r = torch.tensor(seen["rewards"] or [0.0])
+        lengths = seen["lengths"]
         metrics = {"reward/mean": float(r.mean()), "reward/std": float(r.std()) if r.numel() > 1 else 0.0,
                    "response/length_mean": float(sum(lengths) / max(len(lengths), 1)),
                    "response/length_max": float(max(lengths, default=0)),
-                   "rollout/rounds": float(rounds), "rollout/kept_groups": float(len(kept)),
-                   "reward/timeouts": float(timeouts), "_samples": first_texts}
-        return samples, metrics
+                   "reward/timeouts": float(seen["timeouts"][0]), **res.metrics()}
+        return samples, metrics, seen["texts"]
+
+    @staticmethod
+    def _group_rewards(groups: list) -> list[list[float]]:
+        return [list(r) for _, _, r in groups]
 
     def score(self, prompts: list[Any], groups: list[list[Any]]) -> tuple[list[list[float]], int]:
         """Rank 0 verifies every response; the rewards are broadcast (1 broadcast_object_list)."""
@@ -171,17 +182,26 @@ class Trainer:
 
     def update(self, step: int, mine: list[TrainSample]) -> dict[str, float]:
         """Old log-probs + batch metrics, then ppo_epochs x mini-batch updates; returns step metrics."""
-        from megaent.trainer.update import batch_metrics, compute_logprobs, train_mini_batch
+        from megaent.trainer.update import batch_metrics, compute_logprobs, logprobs_by_uid, train_mini_batch
 
         cfg, st, t = self.cfg, self.state, self.cfg.trainer
         temp = cfg.rollout.temperature
         mbs = make_micro_batches(mine, max_tokens=t.max_tokens_per_micro_batch, dp_group=st.dp_group)
-        compute_logprobs(self.policy, mbs, state=st, temperature=temp, fill_old=True, samples=mine)
-        before = batch_metrics(mbs, state=st, policy_loss=cfg.algorithm.policy_loss)
-        metrics = dict(before)
         n_mini = t.prompts_per_step // t.mini_batch_size
         update_stats: list[dict[str, float]] = []
-        for epoch in range(t.ppo_epochs):
+        # One PPO update per rollout: the training forward's detached log-probs are the old ones (no extra pass).
+        on_policy = t.ppo_epochs == 1 and n_mini == 1 and cfg.algorithm.policy_loss == "ppo"
+        if on_policy:
+            gen = torch.Generator().manual_seed(components.derive_seed(t.seed, step, 0, 0))
+            update_stats.append(train_mini_batch(self.policy, self.optimizer, mbs, loss_cfg=cfg.algorithm, state=st,
+                                                 generator=gen, temperature=temp, old_from_current=True))
+            old = logprobs_by_uid(mbs, samples=mine)
+        else:
+            old = compute_logprobs(self.policy, mbs, state=st, temperature=temp, fill_old=True, samples=mine)
+        before = batch_metrics(mbs, state=st, policy_loss=cfg.algorithm.policy_loss)
+        metrics = dict(before)
+        metrics.update(self._consistency(old))
+        for epoch in range(0 if on_policy else t.ppo_epochs):
             for k in range(n_mini):
                 chunk = self._mini_batch(mine, k, n_mini)
                 mb = make_micro_batches(chunk, max_tokens=t.max_tokens_per_micro_batch, dp_group=st.dp_group)
@@ -202,6 +222,19 @@ class Trainer:
             after = batch_metrics(mbs, state=st, policy_loss=cfg.algorithm.policy_loss, use_current=True)
             metrics.update(self.dynamics.observe(before, after, lr=metrics.get("lr", cfg.optimizer.lr)))
         return metrics
+
+    def _consistency(self, old: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+        """|trainer log-prob - rollout log-prob| on the same tokens, over all DP ranks (near 0 when embedded)."""
+        diffs = [(lp - torch.tensor(self._rollout_lps[uid], dtype=torch.float32)).abs()
+                 for uid, (lp, _) in old.items() if uid in self._rollout_lps]
+        d = torch.cat(diffs) if diffs else torch.zeros(0)
+        sums = torch.stack([d.sum(), torch.tensor(float(d.numel()))])
+        peak = d.max() if d.numel() else torch.zeros(())
+        if self.state.dp > 1:
+            dist.all_reduce(sums, group=self.state.dp_group)
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=self.state.dp_group)
+        return {"rollout/logprob_diff_mean": float(sums[0] / sums[1].clamp(min=1)),
+                "rollout/logprob_diff_max": float(peak)}
 
     @staticmethod
     def _mini_batch(mine: list[TrainSample], k: int, n_mini: int) -> list[TrainSample]:
