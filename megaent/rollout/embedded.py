@@ -181,9 +181,16 @@ class EmbeddedEngine:
         out_len = torch.zeros(b0, dtype=torch.long, device=device)
         stopped = torch.zeros(b0, dtype=torch.bool, device=device)
 
-        cache = new_kv_cache(self.policy, b0, p_len + m)
-        positions = (rows.mask[:, :p_len].long().cumsum(-1) - 1).clamp_(min=0)
-        logits = self._last_logits(input_ids, positions, rows.mask[:, :p_len], cache)
+        # Prefill each distinct prompt once (the G samples of a GRPO group share it), then copy its KV cache
+        # and last logits to its rows: a prefix cache in the sense of SGLang's RadixAttention / vLLM.
+        first, expand = self._distinct_prompts(chunk, device)
+        cache = new_kv_cache(self.policy, int(first.numel()), p_len + m)
+        mask0 = rows.mask.index_select(0, first)[:, :p_len]
+        positions = (mask0.long().cumsum(-1) - 1).clamp_(min=0)
+        logits = self._last_logits(input_ids.index_select(0, first), positions, mask0, cache)
+        if first.numel() < b0:
+            cache.select_(expand)
+            logits = logits.index_select(0, expand)
         live = torch.ones(b0, dtype=torch.bool, device=device)
         for t in range(m):
             tok, lp = sample_next(logits, temperature=rows.temperature, top_p=rows.top_p, top_k=rows.top_k,
@@ -208,6 +215,20 @@ class EmbeddedEngine:
                                        cache)
             rows.next_pos += 1
         return self._to_samples(chunk, out_tok.cpu(), out_lp.cpu(), out_len.cpu(), stopped.cpu())
+
+    @staticmethod
+    def _distinct_prompts(chunk: list, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of the first occurrence of each distinct prompt [U] and, per row, its index among them [B]."""
+        seen: dict[tuple[int, ...], int] = {}
+        first, expand = [], []
+        for k, c in enumerate(chunk):
+            key = tuple(c[3])
+            if key not in seen:
+                seen[key] = len(first)
+                first.append(k)
+            expand.append(seen[key])
+        return (torch.tensor(first, dtype=torch.long, device=device),
+                torch.tensor(expand, dtype=torch.long, device=device))
 
     @staticmethod
     def _to_samples(chunk: list, tok: torch.Tensor, lp: torch.Tensor, length: torch.Tensor,
