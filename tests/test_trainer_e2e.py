@@ -29,7 +29,11 @@ def demo_policy(tmp_path_factory):
     from megaent.data.warmup import warmup_policy
     from megaent.trainer.components import demo_policy_dir
 
-    return str(warmup_policy(demo_policy_dir("arith", 0), seed=0))
+    from megaent.config import Config
+
+    c = Config()  # the schema's demo defaults
+    out = demo_policy_dir("arith", 0, digits=c.data.task_max_digits, steps=c.model.demo_warmup_steps)
+    return str(warmup_policy(out, seed=0, steps=c.model.demo_warmup_steps, max_digits=c.data.task_max_digits))
 
 
 def _env():

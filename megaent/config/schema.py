@@ -26,6 +26,8 @@ class ModelConfig:
     """Recompute activations in backward to save memory."""
     pipeline_layers: Optional[list[int]] = None
     """Decoder layers per pipeline stage (must sum to the layer count); None = even split."""
+    demo_warmup_steps: int = 500
+    """Supervised warm-up steps of the demo's tiny policy (only when `path` is empty)."""
     attn_implementation: Literal["sdpa"] = "sdpa"
     """Attention kernel: torch scaled_dot_product_attention."""
 
@@ -48,6 +50,8 @@ class DataConfig:
     """Prompt file (.jsonl or .parquet); empty = the synthetic task named by `task`."""
     task: str = "arith"
     """Synthetic task for the demo when `path` is empty."""
+    task_max_digits: int = 2
+    """Synthetic arith task: longest operand length in digits (1 = the 100 single-digit sums)."""
     prompt_key: str = "prompt"
     """Field holding the prompt (a string, or a list of chat messages)."""
     answer_key: str = "answer"

@@ -44,10 +44,12 @@ def prepare_policy_dir(cfg: Config, *, run_dir: Path, state: ParallelState) -> P
     if cfg.data.task not in SYNTHETIC_TASKS:
         raise ConfigError(f"data.task={cfg.data.task!r}: unknown synthetic task; choose one of "
                           f"{sorted(SYNTHETIC_TASKS)} or set model.path to a HF checkpoint")
-    out = demo_policy_dir(cfg.data.task, cfg.trainer.seed)
+    out = demo_policy_dir(cfg.data.task, cfg.trainer.seed, digits=cfg.data.task_max_digits,
+                          steps=cfg.model.demo_warmup_steps)
     if state.rank == 0:
         log.info("demo: warming a tiny policy on the %r task (cached in %s)", cfg.data.task, out)
-        warmup_policy(out, seed=cfg.trainer.seed)
+        warmup_policy(out, seed=cfg.trainer.seed, steps=cfg.model.demo_warmup_steps,
+                      max_digits=cfg.data.task_max_digits)
     if state.world_size > 1:
         dist.barrier()
     return out
@@ -65,9 +67,9 @@ def _warmup_version() -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
-def demo_policy_dir(task: str, seed: int) -> Path:
-    """Where the demo's warmed policy for (task, seed) is cached."""
-    return cache_dir() / f"demo-{task}-seed{seed}-{_warmup_version()}"
+def demo_policy_dir(task: str, seed: int, *, digits: int, steps: int) -> Path:
+    """Where the demo's warmed policy for (task, seed, digits, steps) is cached."""
+    return cache_dir() / f"demo-{task}{digits}-seed{seed}-steps{steps}-{_warmup_version()}"
 
 
 def load_tokenizer(hf_dir: Path) -> Any:
@@ -119,7 +121,16 @@ def build_prompts(cfg: DataConfig, tokenizer: Any, *, seed: int, batch_size: int
     if cfg.path and not Path(cfg.path).is_file():
         raise ConfigError(f"data.path={cfg.path!r}: file not found; give a .jsonl or .parquet prompt file")
     try:
-        ds = build_dataset(cfg, tokenizer=tokenizer, seed=seed if cfg.path else seed + HELD_OUT_SEED)
+        if cfg.path:
+            ds = build_dataset(cfg, tokenizer=tokenizer, seed=seed)
+        else:
+            from megaent.data.prompts import SyntheticPrompts
+            from megaent.rewards.synthetic import TASKS
+
+            if cfg.task not in TASKS:
+                raise ConfigError(f"data.task={cfg.task!r}: unknown synthetic task; choose one of {sorted(TASKS)}")
+            task = TASKS[cfg.task](max_digits=cfg.task_max_digits, seed=seed + HELD_OUT_SEED)
+            ds = SyntheticPrompts(task, tokenizer=tokenizer, size=100_000)
         return PromptLoader(ds, batch_size=batch_size, seed=seed, shuffle=cfg.shuffle)
     except (DataError, ValueError) as exc:  # malformed rows, too few prompts: the user's data to fix
         raise ConfigError(str(exc)) from None
