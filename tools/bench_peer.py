@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +61,15 @@ def reward_of(text: str) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ megaent side
+@dataclass
+class Prompt:
+    """What the trainer reads of a prompt: token ids, text, reference answer."""
+
+    ids: list[int]
+    text: str
+    answer: str
+
+
 class _Prompts:
     """Prompt stream over `prompt_texts` with the `SyntheticPrompts` interface."""
 
@@ -67,8 +77,6 @@ class _Prompts:
         self.tokenizer, self.texts, self.index = tokenizer, texts, 0
 
     def next_batch(self, n: int = PROMPTS):
-        from megaent.trainer.components import Prompt
-
         out = []
         for i in range(self.index, self.index + n):
             text = self.texts[i % len(self.texts)]
@@ -96,7 +104,7 @@ def megaent_overrides(hf_dir: Path, run_dir: Path, steps: int, threads: int) -> 
     return [f"model.path={hf_dir}", f"trainer.run_dir={run_dir}", f"trainer.steps={steps}",
             f"trainer.threads={threads}", f"trainer.prompts_per_step={PROMPTS}", f"trainer.mini_batch_size={PROMPTS}",
             "trainer.ppo_epochs=1", "trainer.dynamics_every=0", "trainer.checkpoint_every=0",
-            "trainer.samples_to_log=0", "trainer.quiet=true", "trainer.max_tokens_per_micro_batch=8192",
+            "trainer.samples_to_log=0", "trainer.quiet=true",
             f"rollout.n_samples={G}", f"rollout.max_new_tokens={NEW_TOKENS}", "rollout.temperature=1.0",
             "rollout.ignore_eos=true", "algorithm.policy_loss=ppo", "algorithm.loss_agg=token_mean",
             "algorithm.advantage=grpo", "algorithm.norm_adv_by_std=true", "algorithm.group_filter=false",
