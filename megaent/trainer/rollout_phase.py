@@ -51,7 +51,10 @@ class RolloutPhase:
                 self.engine = EmbeddedEngine(policy, state, eos_token_ids=self.eos, seed=seed)
             else:
                 self._solo = singleton_state(state)
-                self.engine = EmbeddedEngine.from_hf(hf_dir, self._solo, eos_token_ids=self.eos, seed=seed)
+                from megaent.model import load_hf
+
+                self.engine = EmbeddedEngine(load_hf(hf_dir, self._solo, dtype=policy.dtype), self._solo,
+                                             eos_token_ids=self.eos, seed=seed)
         elif state.rank == 0:
             from megaent.rollout.client import SGLangClient
 
