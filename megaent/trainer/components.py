@@ -98,7 +98,9 @@ def load_policy(cfg: ModelConfig, hf_dir: Path, *, state: ParallelState) -> Any:
     from megaent.model import load_hf
 
     check_backend(cfg)
-    return load_hf(str(hf_dir), state, dtype=_DTYPES[cfg.dtype], pipeline_layers=cfg.pipeline_layers)
+    # The decoder recomputes whole layers; "selective" (attention only) is not separate yet and maps to full.
+    return load_hf(str(hf_dir), state, dtype=_DTYPES[cfg.dtype], pipeline_layers=cfg.pipeline_layers,
+                   activation_checkpointing=cfg.activation_checkpointing != "none")
 
 
 def export_hf(policy: Any, state: ParallelState, out: Path) -> Path:
