@@ -22,15 +22,9 @@ import torch.distributed as dist
 from megaent.config import RolloutConfig
 from megaent.parallel import ParallelState, singleton_state
 from megaent.rollout.types import Sample, SamplingParams
+from megaent.trainer.components import derive_seed
 
 log = logging.getLogger(__name__)
-
-
-def _seed(*parts: int) -> int:
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (p + 0x632BE59BD9B4E019 + (h << 6) + (h >> 2))) & ((1 << 62) - 1)
-    return h
 
 
 class RolloutPhase:
@@ -83,7 +77,7 @@ class RolloutPhase:
         if self.cfg.engine != "embedded":
             out: list[Any] = [None]
             if st.rank == 0:
-                out[0] = self.client.generate(prompts, self.params(seed=_seed(self.seed, step, round_)))
+                out[0] = self.client.generate(prompts, self.params(seed=derive_seed(self.seed, step, round_)))
             if st.world_size > 1:
                 dist.broadcast_object_list(out, src=0)
             return out[0]
@@ -91,7 +85,7 @@ class RolloutPhase:
         # result does not depend on which rank computed it.
         bounds = [len(prompts) * d // st.dp for d in range(st.dp + 1)]
         mine = prompts[bounds[st.dp_rank]:bounds[st.dp_rank + 1]]
-        local = self.engine.generate(mine, self.params(seed=_seed(self.seed, step, round_, st.dp_rank))) if mine \
+        local = self.engine.generate(mine, self.params(seed=derive_seed(self.seed, step, round_, st.dp_rank))) if mine \
             else []
         if st.dp == 1:
             return local
