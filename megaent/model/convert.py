@@ -8,7 +8,6 @@ optimizer), in the same canonical DTensor form the trainer writes, so `trainer` 
 """
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -54,8 +53,9 @@ def _load(src: Path, kind: str, state):  # -> Policy
 
     if kind == "hf":
         return load_hf(str(src), state)
-    meta = json.loads((src / "meta.json").read_text())
-    base = Path(meta["hf_dir"])
+    from megaent.trainer.checkpoint import read_meta
+
+    base = Path(read_meta(src)["hf_dir"])
     if not (base / "config.json").is_file():
         raise FileNotFoundError(f"convert: checkpoint {src} was trained from {base}, which is gone; its "
                                 "config.json and tokenizer are needed to rebuild the model")

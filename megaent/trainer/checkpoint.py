@@ -120,6 +120,11 @@ def save_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, Any], met
     return final
 
 
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """meta.json of a complete checkpoint (step, data position, layout, ...)."""
+    return json.loads((Path(path) / "meta.json").read_text())
+
+
 def load_checkpoint(path: str | Path, tensors: dict[str, Any], *, rank: int = 0,
                     restore_rng: bool = True) -> dict[str, Any]:
     """Collective: fill `tensors` (DCP state dict, resharded to this layout) in place; return meta."""
@@ -129,7 +134,7 @@ def load_checkpoint(path: str | Path, tensors: dict[str, Any], *, rank: int = 0,
     if not (path / "COMPLETE").is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no COMPLETE marker); pick another")
     dcp.load(tensors, checkpoint_id=str(path))
-    meta = json.loads((path / "meta.json").read_text())
+    meta = read_meta(path)
     rng_file = path / f"rng_rank{rank}.pt"
     if restore_rng and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))

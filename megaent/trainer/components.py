@@ -41,9 +41,11 @@ def prepare_policy_dir(cfg: Config, *, run_dir: Path, state: ParallelState) -> P
         return path
     from megaent.data.warmup import warmup_policy
 
-    if cfg.data.task not in SYNTHETIC_TASKS:
+    from megaent.rewards.synthetic import TASKS
+
+    if cfg.data.task not in TASKS:
         raise ConfigError(f"data.task={cfg.data.task!r}: unknown synthetic task; choose one of "
-                          f"{sorted(SYNTHETIC_TASKS)} or set model.path to a HF checkpoint")
+                          f"{sorted(TASKS)} or set model.path to a HF checkpoint")
     out = demo_policy_dir(cfg.data.task, cfg.trainer.seed, digits=cfg.data.task_max_digits,
                           steps=cfg.model.demo_warmup_steps)
     if state.rank == 0:
@@ -109,7 +111,6 @@ def export_hf(policy: Any, state: ParallelState, out: Path) -> Path:
     return Path(save_hf(policy, state, out))
 
 
-SYNTHETIC_TASKS = ("arith",)
 HELD_OUT_SEED = 1_000_003  # RL draws synthetic problems from another stream than the warm-up trained on
 
 

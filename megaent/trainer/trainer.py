@@ -23,7 +23,7 @@ from megaent.config import Config
 from megaent.parallel import ParallelState
 from megaent.trainer import components
 from megaent.trainer.batching import TrainSample, make_micro_batches, partition_groups
-from megaent.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from megaent.trainer.checkpoint import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
 from megaent.trainer.dynamics import EntropyDynamics
 from megaent.trainer.metrics import MetricsSink, Progress, truncate_metrics
 from megaent.trainer.rollout_phase import RolloutPhase
@@ -145,7 +145,7 @@ class Trainer:
                         step, len(res.groups), t.prompts_per_step, res.rounds)
         samples: list[TrainSample] = []
         if res.groups:
-            rewards = self._group_rewards(res.groups)
+            rewards = [list(r) for _, _, r in res.groups]
             adv = compute_advantages(torch.tensor(rewards, dtype=torch.float32), estimator=a.advantage,
                                      norm_by_std=a.norm_adv_by_std)  # [N, G]
             for gi, (_, g, _) in enumerate(res.groups):
@@ -162,10 +162,6 @@ class Trainer:
                    "response/length_max": float(max(lengths, default=0)),
                    "reward/timeouts": float(seen["timeouts"][0]), **res.metrics()}
         return samples, metrics, seen["texts"]
-
-    @staticmethod
-    def _group_rewards(groups: list) -> list[list[float]]:
-        return [list(r) for _, _, r in groups]
 
     def score(self, prompts: list[Any], groups: list[list[Any]]) -> tuple[list[list[float]], int]:
         """Rank 0 verifies every response; the rewards are broadcast (1 broadcast_object_list)."""
@@ -245,14 +241,17 @@ class Trainer:
         return [s for s in mine if s.group in keep]
 
     # ------------------------------------------------------------------ checkpoints
-    def _meta(self, step: int) -> dict[str, Any]:
+    def _layout(self) -> dict[str, int]:
+        return {"tp": self.state.tp, "pp": self.state.pp, "dp": self.state.dp}
+
+    def _meta(self) -> dict[str, Any]:
         return {"data": self.prompts.state_dict(), "optimizer_steps": self.optimizer.step_count,
-                "layout": {"tp": self.state.tp, "pp": self.state.pp, "dp": self.state.dp},
+                "layout": self._layout(),
                 "hf_dir": str(self.hf_dir), "dynamics": self.dynamics.state_dict()}
 
     def save(self, step: int) -> None:
         tensors = canonical_state(self.policy, self.optimizer, self.state, loading=False)
-        save_checkpoint(self.run_dir, step, tensors, self._meta(step), rank=self.state.rank,
+        save_checkpoint(self.run_dir, step, tensors, self._meta(), rank=self.state.rank,
                         keep_last=self.cfg.trainer.keep_last)
 
     def restore(self) -> int:
@@ -260,10 +259,7 @@ class Trainer:
         path = latest_checkpoint(self.run_dir)
         if path is None:
             return 0
-        import json
-
-        prev = json.loads((path / "meta.json").read_text())
-        same_layout = prev.get("layout", {}) == {"tp": self.state.tp, "pp": self.state.pp, "dp": self.state.dp}
+        same_layout = read_meta(path).get("layout", {}) == self._layout()
         tensors = canonical_state(self.policy, self.optimizer, self.state, loading=True)
         meta = load_checkpoint(path, tensors, rank=self.state.rank, restore_rng=same_layout)
         finish_load(self.policy, self.optimizer, step=int(meta["optimizer_steps"]))
