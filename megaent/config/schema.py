@@ -21,9 +21,13 @@ class ModelConfig:
     precision: Literal["fp32", "bf16", "fp8"] = "fp32"
     """Compute precision of the update; fp8 needs Transformer Engine or torchao on a GPU."""
     fp8_recipe: Literal["delayed", "current", "mxfp8"] = "delayed"
-    """FP8 scaling recipe (Transformer Engine)."""
+    """FP8 scaling recipe (Transformer Engine; torchao always uses current scaling; mxfp8 needs Blackwell)."""
     activation_checkpointing: Literal["none", "selective", "full"] = "none"
-    """Recompute activations in backward to save memory."""
+    """Recompute in backward to save memory: selective = core attention only, full = whole decoder layers."""
+    apex: Literal["auto", "off"] = "auto"
+    """auto: NVIDIA apex fused RMSNorm (local backend) when apex imports on CUDA; off: never."""
+    compile: bool = False
+    """torch.compile each decoder layer (local backend)."""
     pipeline_layers: Optional[list[int]] = None
     """Decoder layers per pipeline stage (must sum to the layer count); None = even split."""
     demo_warmup_steps: int = 500

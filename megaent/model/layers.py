@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from torch.utils.checkpoint import checkpoint
 
 from megaent.model.arch import ModelArch
 from megaent.model.cache import KVCache
@@ -128,6 +129,8 @@ class SelfAttention(torch.nn.Module):
                                         tp_group=tp_group)
         self.proj = _RowParallelLinear(arch.q_size, arch.hidden_size, config=config, init_method=_no_init,
                                        bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
+        self.recompute_core = False
+        """Selective activation checkpointing: recompute the core attention in backward (training only)."""
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: "Optional[torch.Tensor | SegmentLayout]", *,
                 kv_cache: Optional[KVCache] = None, slot: int = 0) -> torch.Tensor:
@@ -143,15 +146,23 @@ class SelfAttention(torch.nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(slot, k, v)
-        if isinstance(mask, SegmentLayout):
-            out = _segment_attention(q, k, v, mask, scale=1.0 / math.sqrt(d), gqa=self.n_q != self.n_kv)
-            out = out.reshape(b, s, self.n_q * d)
+        if self.recompute_core and kv_cache is None and torch.is_grad_enabled():
+            out = checkpoint(self.core, q, k, v, mask, use_reentrant=False)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                                 scale=1.0 / math.sqrt(d), enable_gqa=self.n_q != self.n_kv)
-            out = out.transpose(1, 2).reshape(b, s, self.n_q * d)
+            out = self.core(q, k, v, mask)
         out, _ = self.proj(out)
         return out
+
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             mask: "Optional[torch.Tensor | SegmentLayout]") -> torch.Tensor:
+        """Core attention: q [B, Nl, S, D], k/v [B, KVl, S_k, D] -> [B, S, Nl*D] (no parameters)."""
+        b, _, s, d = q.shape
+        if isinstance(mask, SegmentLayout):
+            out = _segment_attention(q, k, v, mask, scale=1.0 / math.sqrt(d), gqa=self.n_q != self.n_kv)
+            return out.reshape(b, s, self.n_q * d)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                             scale=1.0 / math.sqrt(d), enable_gqa=self.n_q != self.n_kv)
+        return out.transpose(1, 2).reshape(b, s, self.n_q * d)
 
 
 class SwiGLU(torch.nn.Module):

@@ -15,8 +15,9 @@ gradients over `state.embedding_group` (as Megatron-LM does).
 """
 from __future__ import annotations
 
+import contextlib
 import zlib
-from typing import Callable, Optional
+from typing import Callable, ContextManager, Optional
 
 import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
@@ -43,6 +44,9 @@ class Policy(torch.nn.Module):
         self.pipeline_layers = pipeline_layers
         self.vocab_multiple = vocab_multiple
         self.activation_checkpointing = activation_checkpointing
+        self.compute_context: Callable[[], ContextManager] = contextlib.nullcontext
+        """Entered around the decoder layers of each forward: TE fp8_autocast or bf16 autocast
+        (`megaent.model.backends.apply_backend`); a no-op by default."""
         self.source_dir: Optional[str] = None  # HF dir this was loaded from (tokenizer files for save_hf)
         self.layer_ids = list(stage_layer_ranges(arch.num_hidden_layers, state.pp, pipeline_layers)[state.pp_rank])
         self.vocab_size = arch.vocab_size
@@ -150,11 +154,12 @@ class Policy(torch.nn.Module):
         mask = build_attention_mask(q_len=s, cache_len=cache_len, key_mask=attention_mask, segment_ids=segment_ids,
                                     batch=b, device=x.device)
         recompute = self.activation_checkpointing and torch.is_grad_enabled() and kv_cache is None
-        for slot, layer in enumerate(self.layers.values()):
-            if recompute:
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, kv_cache=kv_cache, slot=slot)
+        with self.compute_context():
+            for slot, layer in enumerate(self.layers.values()):
+                if recompute:
+                    x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                else:
+                    x = layer(x, cos, sin, mask, kv_cache=kv_cache, slot=slot)
         if kv_cache is not None:
             kv_cache.advance(s)
         return x

@@ -93,16 +93,22 @@ def check_backend(cfg: ModelConfig) -> None:
     """GPU-only choices fail here with what to install, before anything is built."""
     from megaent.model.backends import check_backend as _check
 
-    _check(backend=cfg.backend, precision=cfg.precision)
+    _check(backend=cfg.backend, precision=cfg.precision, fp8_recipe=cfg.fp8_recipe,
+           activation_checkpointing=cfg.activation_checkpointing)
 
 
 def load_policy(cfg: ModelConfig, hf_dir: Path, *, state: ParallelState) -> Any:
     from megaent.model import load_hf
+    from megaent.model.backends import apply_backend
 
     check_backend(cfg)
-    # The decoder recomputes whole layers; "selective" (attention only) is not separate yet and maps to full.
-    return load_hf(str(hf_dir), state, dtype=_DTYPES[cfg.dtype], pipeline_layers=cfg.pipeline_layers,
-                   activation_checkpointing=cfg.activation_checkpointing != "none")
+    policy = load_hf(str(hf_dir), state, dtype=_DTYPES[cfg.dtype], pipeline_layers=cfg.pipeline_layers)
+    # TE layers / float8 / autocast / recompute marks / compile; the defaults leave the local policy as loaded
+    done = apply_backend(policy, backend=cfg.backend, precision=cfg.precision, fp8_recipe=cfg.fp8_recipe,
+                         activation_checkpointing=cfg.activation_checkpointing, apex=cfg.apex, compile=cfg.compile)
+    if state.rank == 0:
+        log.info("model backend: %s", ", ".join(f"{k}={v}" for k, v in done.items()))
+    return policy
 
 
 def export_hf(policy: Any, state: ParallelState, out: Path) -> Path:

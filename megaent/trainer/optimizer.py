@@ -29,6 +29,7 @@ broadcasts (one flat buffer per owner) on dp_group.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from typing import Any, Iterable, Optional
 
@@ -36,8 +37,11 @@ import torch
 import torch.distributed as dist
 
 from megaent.config.schema import OptimizerConfig
+from megaent.model.apex_ops import adamw_kernel, build_adamw
 from megaent.parallel.grads import is_tied_embedding
 from megaent.parallel.state import ParallelState
+
+log = logging.getLogger(__name__)
 
 
 def lr_at(step: int, *, cfg: OptimizerConfig, total_steps: Optional[int] = None) -> float:
@@ -90,8 +94,12 @@ class DistributedAdamW:
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
         # A ZeRO-1 rank may own nothing (more DP ranks than parameters): no inner optimizer then.
-        self.inner = (torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        # Kernel: apex FusedAdam / torch fused AdamW on CUDA, plain torch AdamW on CPU (megaent.model.apex_ops).
+        self.kernel = adamw_kernel(state.device)
+        self.inner = (build_adamw(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, kernel=self.kernel)
                       if groups else None)
+        if self.inner is not None and state.rank == 0 and self.kernel != "torch":
+            log.info("optimizer: AdamW kernel %s", self.kernel)
 
     def zero_grad(self) -> None:
         for p in self.params:
