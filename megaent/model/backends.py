@@ -2,7 +2,8 @@
 
 - backend=local, precision=fp32|bf16: megatron-core local TP layers; runs anywhere (bf16 on CPU is slow but
   correct). precision=bf16 over fp32 parameters (model.dtype=float32) runs the decoder layers under
-  `torch.autocast(bf16)`; over bf16 parameters it changes nothing.
+  `torch.autocast("cuda", bf16)` on GPU (on CPU it stays fp32: megatron's linear backward re-enters autocast
+  for CUDA only); over bf16 parameters it changes nothing.
 - backend=te: Transformer Engine linears and norms (`megaent.model.te_layers`; CUDA GPU with
   `pip install 'megaent[gpu]'`).
 - precision=fp8: with backend=te, TE's `fp8_autocast` with `model.fp8_recipe`; with backend=local, torchao
@@ -133,10 +134,14 @@ def apply_backend(policy: torch.nn.Module, *, backend: str = "local", precision:
             log.info("model.fp8_recipe=%s: torchao float8 uses dynamic per-tensor (current) scaling", fp8_recipe)
         done["fp8"] = f"torchao:{len(convert_decoder_to_float8(policy.layers))}_linears"
     elif precision == "bf16" and policy.dtype == torch.float32:
-        from megaent.model.fp8 import autocast_context
+        if on_cuda:
+            from megaent.model.fp8 import autocast_context
 
-        policy.compute_context = autocast_context(policy.state.device.type, torch.bfloat16)
-        done["autocast"] = "bf16"
+            policy.compute_context = autocast_context("cuda", torch.bfloat16)
+            done["autocast"] = "bf16"
+        else:  # megatron's linears re-enter autocast in backward for CUDA only: bf16 grads meet fp32 weights
+            log.info("model.precision=bf16 with model.dtype=float32 on CPU computes in fp32; set "
+                     "model.dtype=bfloat16 for bf16 compute")
     if compile:
         if backend == "te":
             log.info("model.compile=true is skipped with model.backend=te (TE kernels are fused already)")
