@@ -98,7 +98,7 @@ class DistributedAdamW:
         self.kernel = adamw_kernel(state.device)
         self.inner = (build_adamw(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, kernel=self.kernel)
                       if groups else None)
-        if self.inner is not None and state.rank == 0 and self.kernel != "torch":
+        if self.inner is not None and self.kernel != "torch" and state.rank == 0:
             log.info("optimizer: AdamW kernel %s", self.kernel)
 
     def zero_grad(self) -> None:
