@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from megaent.rollout.engine import check_prompts
+from megaent.rollout.runner import DecodeRunner
 from megaent.rollout.sampling import counter_uniform, row_keys, sample_next
 from megaent.rollout.types import RolloutError, Sample, SamplingParams
 
@@ -85,7 +86,7 @@ class EmbeddedEngine:
     """
 
     def __init__(self, policy: Any, state: Any, *, eos_token_ids: Sequence[int] = (), seed: int = 0,
-                 max_batch_rows: int = 256, pad_token_id: int = 0) -> None:
+                 max_batch_rows: int = 256, pad_token_id: int = 0, prepack: Optional[bool] = None) -> None:
         if getattr(state, "pp", 1) != 1:
             raise RolloutError(f"the embedded engine needs parallel.pp=1 (got pp={state.pp}); use "
                                "rollout.engine=http with `megaent serve` for pipeline-parallel training")
@@ -95,6 +96,8 @@ class EmbeddedEngine:
         self.max_batch_rows = max_batch_rows
         self.pad_token_id = pad_token_id
         self._seed_gen = torch.Generator().manual_seed(seed)
+        self.prepack = prepack
+        self._runner: Optional[DecodeRunner] = None
 
     @classmethod
     def from_hf(cls, hf_dir: str | Path, state: Any, *, dtype: torch.dtype = torch.float32, **kw: Any
@@ -158,11 +161,23 @@ class EmbeddedEngine:
             mask=mask, next_pos=mask.sum(-1))
         return _Rows(**{k: v.to(device) for k, v in rows.__dict__.items()}), input_ids.to(device)
 
-    def _last_logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
+    def _runner_for_policy(self) -> Optional[DecodeRunner]:
+        """The inference forward bound to the current `self.policy` (None: a layer backend it cannot read)."""
+        if self._runner is None or self._runner.policy is not self.policy:
+            self._runner = DecodeRunner(self.policy, prepack=self.prepack) if DecodeRunner.supports(self.policy) \
+                else None
+        return self._runner
+
+    def _last_logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: Optional[torch.Tensor],
                      cache: Any) -> torch.Tensor:
-        """Forward the new tokens; full-vocabulary logits of the last position [B, V] (one TP all-gather)."""
-        hidden = self.policy.final_hidden(input_ids, position_ids, attention_mask=mask, kv_cache=cache)
-        logits = self.policy.compute_logits(hidden[:, -1:])[:, 0]  # [B, Vl]: the head only on the last position
+        """Forward the new tokens (mask: [B, S_k] key padding, None when no row is padded); full-vocabulary
+        logits of the last position [B, V] (one TP all-gather)."""
+        runner = self._runner_for_policy()
+        if runner is not None:
+            logits = runner.last_logits(input_ids, position_ids, key_mask=mask, cache=cache)  # [B, Vl]
+        else:
+            hidden = self.policy.final_hidden(input_ids, position_ids, attention_mask=mask, kv_cache=cache)
+            logits = self.policy.compute_logits(hidden[:, -1:])[:, 0]  # [B, Vl]: the head on the last position
         return gather_vocab(logits, self.state.tp_group if self.state.tp > 1 else None)[:, :self.vocab_size]
 
     @torch.no_grad()
@@ -176,6 +191,7 @@ class EmbeddedEngine:
         rows, input_ids = self._build_rows(chunk, p_len, m, device)
         any_trunc = any(c[4].top_p < 1.0 or c[4].top_k > 0 for c in chunk)
         any_greedy = any(c[4].temperature <= 0 for c in chunk)
+        unit_t = all(c[4].temperature == 1.0 for c in chunk)
         out_tok = torch.zeros(b0, m, dtype=torch.long, device=device)
         out_lp = torch.zeros(b0, m, dtype=torch.float32, device=device)
         out_len = torch.zeros(b0, dtype=torch.long, device=device)
@@ -185,9 +201,10 @@ class EmbeddedEngine:
         # and last logits to its rows: a prefix cache in the sense of SGLang's RadixAttention / vLLM.
         first, expand = self._distinct_prompts(chunk, device)
         cache = new_kv_cache(self.policy, int(first.numel()), p_len + m)
+        padded = any(len(c[3]) != p_len for c in chunk)  # left padding needs a key mask; else none at all
         mask0 = rows.mask.index_select(0, first)[:, :p_len]
         positions = (mask0.long().cumsum(-1) - 1).clamp_(min=0)
-        logits = self._last_logits(input_ids.index_select(0, first), positions, mask0, cache)
+        logits = self._last_logits(input_ids.index_select(0, first), positions, mask0 if padded else None, cache)
         if first.numel() < b0:
             cache.select_(expand)
             logits = logits.index_select(0, expand)
@@ -195,7 +212,7 @@ class EmbeddedEngine:
         for t in range(m):
             tok, lp = sample_next(logits, temperature=rows.temperature, top_p=rows.top_p, top_k=rows.top_k,
                                   uniform=counter_uniform(rows.keys, t), need_truncation=any_trunc,
-                                  any_greedy=any_greedy)
+                                  any_greedy=any_greedy, unit_temperature=unit_t)
             tok = torch.where(live, tok, self.pad_token_id)
             out_tok[rows.out_row, t] = tok
             out_lp[rows.out_row, t] = lp
@@ -211,8 +228,8 @@ class EmbeddedEngine:
                 rows, tok, live = rows.select(idx), tok.index_select(0, idx), live.index_select(0, idx)
                 cache.select_(idx)
             rows.mask[:, p_len + t] = True
-            logits = self._last_logits(tok.unsqueeze(-1), rows.next_pos.unsqueeze(-1), rows.mask[:, :p_len + t + 1],
-                                       cache)
+            logits = self._last_logits(tok.unsqueeze(-1), rows.next_pos.unsqueeze(-1),
+                                       rows.mask[:, :p_len + t + 1] if padded else None, cache)
             rows.next_pos += 1
         return self._to_samples(chunk, out_tok.cpu(), out_lp.cpu(), out_len.cpu(), stopped.cpu())
 

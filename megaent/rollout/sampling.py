@@ -97,6 +97,7 @@ def sample_next(
     uniform: torch.Tensor,
     need_truncation: Optional[bool] = None,
     any_greedy: Optional[bool] = None,
+    unit_temperature: Optional[bool] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row.
 
@@ -104,28 +105,46 @@ def sample_next(
     greedy), top_p [B] fp32, top_k [B] int64 (<= 0 = off), uniform [B] fp32 in
     [0, 1) -> (tokens [B] int64, logprobs [B] fp32), logprobs = log softmax(logits /
     T) at the token over the full vocabulary (T = 1 for greedy rows). No
-    collectives. Ties at a row's top-k / top-p cut-off are all kept. `need_truncation` (a host bool the caller already knows) skips
-    the device check of whether any row uses top-p / top-k; `any_greedy` likewise for temperature 0.
+    collectives. Ties at a row's top-k / top-p cut-off are all kept. Host bools the caller already knows skip
+    device checks: `need_truncation` (any row uses top-p / top-k), `any_greedy` (any temperature 0),
+    `unit_temperature` (every row samples at T = 1, so the logits need no scaling).
     """
     logits = logits.float()
     greedy = temperature <= 0
-    t = torch.where(greedy, torch.ones_like(temperature), temperature)
-    logp = torch.log_softmax(logits / t.unsqueeze(-1), dim=-1)  # [B, V] fp32
+    if unit_temperature is None:
+        unit_temperature = bool((temperature == 1.0).all())
+    if unit_temperature:
+        scaled = logits
+    else:
+        t = torch.where(greedy, torch.ones_like(temperature), temperature)
+        scaled = logits / t.unsqueeze(-1)
     if need_truncation is None:
         need_truncation = bool(((top_p < 1.0) | (top_k > 0)).any())
-    probs = logp.exp()
-    if need_truncation:
-        # Find each row's smallest kept log-prob on the sorted view, then mask in vocabulary order,
-        # so the inverse CDF walks the same order whether or not a row (or its batch) truncates.
-        k_max = int(top_k.max()) if bool((top_k > 0).all()) else 0
-        if 0 < k_max < logits.shape[-1]:
-            lp_sorted, _ = torch.topk(logp, k_max, dim=-1)  # every row keeps <= k_max: partial sort
-        else:
-            lp_sorted, _ = torch.sort(logp, dim=-1, descending=True)
-        kept = (_truncate_sorted(lp_sorted.exp(), top_p, top_k) > 0).sum(-1, keepdim=True)  # [B, 1] >= 1
-        cutoff = lp_sorted.gather(-1, kept - 1)  # [B, 1]
-        probs = probs * (logp >= cutoff)
+    if any_greedy is None:
+        any_greedy = bool(greedy.any())
+    if not need_truncation:
+        # Untruncated rows (the RL case) skip the full log-softmax: unnormalised probs exp(x - max) feed the
+        # inverse CDF directly and only the drawn token's log-prob is normalised (sum, not the cumsum's last
+        # entry, for an accurately summed normaliser).
+        top = scaled.amax(dim=-1, keepdim=True)
+        probs = (scaled - top).exp_()
+        tokens = _inverse_cdf(probs, uniform)
+        if any_greedy:
+            tokens = torch.where(greedy, logits.argmax(dim=-1), tokens)
+        log_norm = top.squeeze(-1) + probs.sum(-1).log()
+        return tokens, scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - log_norm
+    logp = torch.log_softmax(scaled, dim=-1)  # [B, V] fp32
+    # Find each row's smallest kept log-prob on the sorted view, then mask in vocabulary order,
+    # so the inverse CDF walks the same order whether or not a row (or its batch) truncates.
+    k_max = int(top_k.max()) if bool((top_k > 0).all()) else 0
+    if 0 < k_max < logits.shape[-1]:
+        lp_sorted, _ = torch.topk(logp, k_max, dim=-1)  # every row keeps <= k_max: partial sort
+    else:
+        lp_sorted, _ = torch.sort(logp, dim=-1, descending=True)
+    kept = (_truncate_sorted(lp_sorted.exp(), top_p, top_k) > 0).sum(-1, keepdim=True)  # [B, 1] >= 1
+    cutoff = lp_sorted.gather(-1, kept - 1)  # [B, 1]
+    probs = logp.exp() * (logp >= cutoff)
     tokens = _inverse_cdf(probs, uniform)
-    if bool(greedy.any()) if any_greedy is None else any_greedy:
+    if any_greedy:
         tokens = torch.where(greedy, logits.argmax(dim=-1), tokens)
     return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
