@@ -1,9 +1,17 @@
 """Curves of one or more runs in one PNG: entropy, reward, covariance per step, and reward against entropy.
 
 Reads only `metrics.jsonl`, so it works on finished, running or copied run directories.
+
+Seed groups. Run directories named `<name>_seed<N>` (e.g. `grpo_seed0`, `grpo_seed1`) are one method run
+with several seeds: `plot_runs` draws their per-step mean with a shaded min-max band, labelled
+`<name> (n seeds)`, over the steps every seed has reached. Other directories are drawn as single curves,
+as before. `seed_summary` gives the numbers behind the demo's table (mean and std across seeds of a
+metric's average over the first and last fifth of the steps).
 """
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -11,6 +19,7 @@ from megaent.trainer.metrics import read_metrics
 
 PANELS = (("entropy/mean", "policy entropy (token mean)"), ("reward/mean", "reward (mean)"),
           ("cov/mean", "Cov(log pi, A) (token mean)"), ("cov/top_0.02pct", "top-0.02% covariance"))
+_SEED_DIR = re.compile(r"^(?P<name>.+)_seed(?P<seed>\d+)$")
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -18,38 +27,135 @@ def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def group_runs(run_dirs: Sequence[str | Path]) -> dict[str, list[Path]]:
+    """Group run directories by method: `<name>_seed<N>` -> `<name>`, any other directory -> its own name.
+
+    Keeps the order of first appearance; within a group, directories are sorted by seed. Two different
+    directories with the same label (e.g. `a/grpo` and `b/grpo`) stay separate, as `grpo` and `grpo#2`.
+    """
+    groups: dict[str, list[tuple[int, Path]]] = {}
+    for d in map(Path, run_dirs):
+        m = _SEED_DIR.match(d.name)
+        if m:
+            groups.setdefault(m["name"], []).append((int(m["seed"]), d))
+            continue
+        label, i = d.name, 1
+        while label in groups:
+            i += 1
+            label = f"{d.name}#{i}"
+        groups[label] = [(-1, d)]
+    return {k: [d for _, d in sorted(v, key=lambda sd: sd[0])] for k, v in groups.items()}
+
+
+def band(runs: Sequence[list[dict]], key: str) -> tuple[list[int], list[float], list[float], list[float]]:
+    """(steps, mean, min, max) of `key` across `runs` (lists of metrics rows), at the steps where every run
+    has a value. One run gives mean = min = max = its own curve."""
+    per_run = [dict(zip(*_series(rows, key))) for rows in runs]
+    steps = sorted(set.intersection(*(set(s) for s in per_run))) if per_run else []
+    vals = [[s[step] for s in per_run] for step in steps]
+    return steps, [sum(v) / len(v) for v in vals], [min(v) for v in vals], [max(v) for v in vals]
+
+
+def fifth_means(rows: list[dict], key: str) -> tuple[float, float]:
+    """Mean of `key` over the first and over the last fifth of the rows that have it (at least one row each):
+    single steps of a small demo are noisy. NaN when no row has the key."""
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    if not vals:
+        return math.nan, math.nan
+    k = max(1, len(vals) // 5)
+    return sum(vals[:k]) / k, sum(vals[-k:]) / k
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample std (n - 1; 0 for a single value)."""
+    m = sum(xs) / len(xs)
+    var = sum((x - m) ** 2 for x in xs) / (len(xs) - 1) if len(xs) > 1 else 0.0
+    return m, math.sqrt(var)
+
+
+def seed_summary(run_dirs: Sequence[str | Path], keys: Sequence[str] = ("entropy/mean", "reward/mean")
+                 ) -> list[dict]:
+    """Per method (see `group_runs`): seeds, steps (fewest of its runs), and for each key the mean and std
+    across seeds, and min and max over seeds, of the first- and last-fifth averages (`fifth_means`).
+
+    Returns [{"method", "seeds", "steps", "<key>": {"first": (mean, std), "last": (mean, std),
+    "last_min", "last_max"}}].
+    """
+    out = []
+    for method, dirs in group_runs(run_dirs).items():
+        rows = [read_metrics(d) for d in dirs]
+        entry: dict = {"method": method, "seeds": len(dirs), "steps": min(len(r) for r in rows)}
+        for key in keys:
+            firsts, lasts = zip(*(fifth_means(r, key) for r in rows))
+            entry[key] = {"first": _mean_std(list(firsts)), "last": _mean_std(list(lasts)),
+                          "last_min": min(lasts), "last_max": max(lasts)}
+        out.append(entry)
+    return out
+
+
+def format_summary(summary: list[dict], keys: Sequence[str] = ("entropy/mean", "reward/mean")) -> str:
+    """A plain-text table of `seed_summary`: one row per method, `mean +- std` across seeds."""
+    head = f"{'method':12s} {'seeds':>5s} {'steps':>5s}"
+    for key in keys:
+        short = key.split("/")[0]
+        head += f" {short + ' first':>15s} {short + ' last':>15s}"
+    lines = [head]
+    for e in summary:
+        line = f"{e['method']:12s} {e['seeds']:5d} {e['steps']:5d}"
+        for key in keys:
+            for part in ("first", "last"):
+                m, s = e[key][part]
+                line += f" {f'{m:.3f} +- {s:.3f}':>15s}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _draw_band(ax, runs: list[list[dict]], key: str, label: str) -> None:
+    steps, mean, lo, hi = band(runs, key)
+    if not steps:
+        return
+    (line,) = ax.plot(steps, mean, label=label)
+    if len(runs) > 1:
+        ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+
+
+def _label(name: str, dirs: list[Path]) -> str:
+    if len(dirs) == 1 and not _SEED_DIR.match(dirs[0].name):
+        return name
+    return f"{name} ({len(dirs)} seed{'s' if len(dirs) > 1 else ''})"
+
+
 def plot_runs(run_dirs: Sequence[str | Path], *, out: Optional[str | Path] = None) -> Path:
-    """Write a 2x3 grid of curves for `run_dirs` (label = directory name) and return the PNG path."""
+    """Write a 2x3 grid of curves for `run_dirs` and return the PNG path.
+
+    Label = directory name; `<name>_seed<N>` directories are drawn as one group (mean line, min-max band).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [(Path(d).name, read_metrics(d)) for d in run_dirs]
+    groups = [(_label(name, dirs), [read_metrics(d) for d in dirs]) for name, dirs in group_runs(run_dirs).items()]
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     flat = axes.ravel()
     for ax, (key, title) in zip(flat, PANELS):
-        for name, rows in runs:
-            xs, ys = _series(rows, key)
-            if xs:
-                ax.plot(xs, ys, label=name)
+        for label, runs in groups:
+            _draw_band(ax, runs, key, label)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     ax = flat[4]
-    for name, rows in runs:
-        pts = [(r["entropy/mean"], r["reward/mean"]) for r in rows
+    for label, runs in groups:
+        pts = [(r["entropy/mean"], r["reward/mean"]) for rows in runs for r in rows
                if r.get("entropy/mean") is not None and r.get("reward/mean") is not None]
         if pts:
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=10, label=name)
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=10, label=label)
     ax.set_title("reward vs entropy (R = -a exp(H) + b)")
     ax.set_xlabel("entropy")
     ax.grid(alpha=0.3)
     ax = flat[5]
-    for name, rows in runs:
-        xs, ys = _series(rows, "response/length_mean")
-        if xs:
-            ax.plot(xs, ys, label=name)
+    for label, runs in groups:
+        _draw_band(ax, runs, "response/length_mean", label)
     ax.set_title("response length (mean tokens)")
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)

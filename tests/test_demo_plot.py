@@ -1,0 +1,118 @@
+"""`megaent plot` seed groups and the demo's seed table (megaent/trainer/plots.py).
+
+Compares against numpy statistics computed here on synthetic metrics.jsonl files (random curves, some runs
+shorter, some rows missing a key), and checks that the PNG is written for grouped, ungrouped and mixed runs
+and that the CLI verb still works. No training; runs in a few seconds:
+
+    OMP_NUM_THREADS=1 python -m pytest tests/test_demo_plot.py -q
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megaent.trainer.plots import band, fifth_means, format_summary, group_runs, plot_runs, seed_summary
+
+KEYS = ("entropy/mean", "reward/mean", "cov/mean", "cov/top_0.02pct", "response/length_mean")
+
+
+def _write_run(d: Path, values: np.ndarray, *, drop: dict[int, str] | None = None) -> list[dict]:
+    """A run dir whose metrics.jsonl has one row per step; values [steps, len(KEYS)]."""
+    d.mkdir(parents=True)
+    rows = []
+    for i, v in enumerate(values):
+        row = {"step": i + 1, **{k: float(x) for k, x in zip(KEYS, v)}}
+        if drop and (i + 1) in drop:
+            row[drop[i + 1]] = None
+        rows.append(row)
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+@pytest.fixture()
+def runs(tmp_path: Path) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    data = {"grpo_seed0": rng.random((23, len(KEYS))), "grpo_seed1": rng.random((20, len(KEYS))),
+            "grpo_seed2": rng.random((23, len(KEYS))), "kl_cov_seed0": rng.random((23, len(KEYS))),
+            "kl_cov_seed1": rng.random((23, len(KEYS))), "single": rng.random((7, len(KEYS)))}
+    for name, vals in data.items():
+        _write_run(tmp_path / name, vals)
+    return data
+
+
+def test_group_runs_by_seed_suffix(tmp_path: Path) -> None:
+    dirs = [tmp_path / n for n in ("grpo_seed10", "grpo_seed2", "other", "kl_cov_seed0", "x/other", "a_seedling")]
+    groups = group_runs(dirs)
+    assert list(groups) == ["grpo", "other", "kl_cov", "other#2", "a_seedling"]
+    assert groups["grpo"] == [tmp_path / "grpo_seed2", tmp_path / "grpo_seed10"]  # by seed number, not text
+    assert groups["other#2"] == [tmp_path / "x/other"]
+
+
+def test_band_matches_numpy(tmp_path: Path, runs: dict[str, np.ndarray]) -> None:
+    names = ["grpo_seed0", "grpo_seed1", "grpo_seed2"]
+    per_run = [[json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in names]
+    steps, mean, lo, hi = band(per_run, "entropy/mean")
+    n = min(len(runs[x]) for x in names)  # seed1 is shorter: only the common steps
+    stack = np.stack([runs[x][:n, 0] for x in names])
+    assert steps == list(range(1, n + 1))
+    np.testing.assert_allclose(mean, stack.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(lo, stack.min(0), rtol=0)
+    np.testing.assert_allclose(hi, stack.max(0), rtol=0)
+
+
+def test_band_skips_missing_values(tmp_path: Path) -> None:
+    vals = np.arange(10 * len(KEYS), dtype=float).reshape(10, len(KEYS))
+    a = _write_run(tmp_path / "a", vals, drop={3: "entropy/mean"})
+    b = _write_run(tmp_path / "b", vals + 1.0)
+    steps, mean, lo, hi = band([a, b], "entropy/mean")
+    assert 3 not in steps and len(steps) == 9
+    np.testing.assert_allclose(mean, vals[[i for i in range(10) if i != 2], 0] + 0.5)
+
+
+def test_seed_summary_matches_numpy(tmp_path: Path, runs: dict[str, np.ndarray]) -> None:
+    dirs = [tmp_path / n for n in runs]
+    summary = seed_summary(dirs)
+    assert [e["method"] for e in summary] == ["grpo", "kl_cov", "single"]
+    for e in summary:
+        names = [n for n in runs if n.rsplit("_seed", 1)[0] == e["method"] or n == e["method"]]
+        assert e["seeds"] == len(names)
+        assert e["steps"] == min(len(runs[n]) for n in names)
+        for j, key in enumerate(("entropy/mean", "reward/mean")):
+            k = [max(1, len(runs[n]) // 5) for n in names]
+            first = np.array([runs[n][:kk, KEYS.index(key)].mean() for n, kk in zip(names, k)])
+            last = np.array([runs[n][-kk:, KEYS.index(key)].mean() for n, kk in zip(names, k)])
+            ddof = 1 if len(names) > 1 else 0
+            np.testing.assert_allclose(e[key]["first"], (first.mean(), first.std(ddof=ddof)), rtol=1e-12)
+            np.testing.assert_allclose(e[key]["last"], (last.mean(), last.std(ddof=ddof)), rtol=1e-12)
+            assert e[key]["last_min"] == pytest.approx(last.min()) and e[key]["last_max"] == pytest.approx(last.max())
+    table = format_summary(summary).splitlines()
+    assert len(table) == 4 and table[1].startswith("grpo") and " +- " in table[1]
+
+
+def test_fifth_means_edge_cases() -> None:
+    assert all(math.isnan(x) for x in fifth_means([{"step": 1}], "entropy/mean"))
+    rows = [{"step": i, "h": float(i)} for i in range(1, 4)]  # fewer than 5 rows: first and last row
+    assert fifth_means(rows, "h") == (1.0, 3.0)
+
+
+def test_plot_writes_png_grouped_ungrouped_and_cli(tmp_path: Path, runs: dict[str, np.ndarray]) -> None:
+    import matplotlib.image as mpimg
+
+    grouped = plot_runs([tmp_path / n for n in runs], out=tmp_path / "grouped.png")
+    ungrouped = plot_runs([tmp_path / "single"])  # the old behaviour: default path in the first run dir
+    assert ungrouped == tmp_path / "single" / "curves.png"
+    for png in (grouped, ungrouped):
+        img = mpimg.imread(png)
+        assert img.shape[0] > 500 and img.shape[1] > 1000 and img.std() > 0  # 15x8 in at 110 dpi, not blank
+    out = tmp_path / "cli.png"
+    res = subprocess.run([sys.executable, "-m", "megaent.cli", "plot", str(tmp_path / "grpo_seed0"),
+                          str(tmp_path / "grpo_seed1"), str(tmp_path / "single"), "--out", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert out.is_file() and res.stdout.strip().endswith("cli.png")
