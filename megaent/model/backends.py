@@ -15,6 +15,11 @@
   chosen by the optimizer (`megaent.model.apex_ops.adamw_kernel`).
 - compile (`model.compile=true`): `torch.compile` of each decoder layer (not with backend=te, whose
   kernels are already fused and whose FP8 state breaks graphs).
+- NCCL gradient reduce (megaent/parallel/grads.py, not changed here): buckets are per grad dtype, so with
+  model.dtype=bfloat16 the DP all-reduce already runs in bf16; fp32 parameters reduce in fp32. Overlapping
+  the reduce with backward needs per-bucket `register_post_accumulate_grad_hook`s that launch async
+  all-reduces on the last micro-batch only (the engine accumulates over micro-batches first), and a wait
+  before `grad_norm`; left for a GPU session that can measure it.
 `check_backend` raises before anything is built; `apply_backend` turns a loaded local Policy into the
 configured one (call it before building the optimizer) and returns what it did, for one log line.
 """
