@@ -64,6 +64,7 @@ def _decode(runner, policy, prompts, steps, *, masked=True):
 def test_runner_matches_training_forward(policy, prepack):
     if prepack and not onednn_prepack_available():
         pytest.skip("this torch build has no oneDNN prepacked linear")
+    assert DecodeRunner.supports(policy)  # the engine decodes local-layer policies through this runner
     runner = DecodeRunner(policy, prepack=prepack)
     ids, mask, logits = _decode(runner, policy, [[5, 17, 33, 8], [40, 41], [7, 9, 60, 61, 62, 11], [99]], 5)
     ref = _reference_last_logits(policy, ids, mask)

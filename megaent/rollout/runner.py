@@ -89,13 +89,20 @@ class DecodeRunner:
 
     @staticmethod
     def supports(policy: Any) -> bool:
-        """True for a single-stage policy built from megaent's local layers (the layout this runner reads)."""
-        if getattr(policy.state, "pp", 1) != 1:
+        """True for a single-stage policy whose decoder linears are megatron-core's local TP layers (the
+        layout this runner reads); Transformer Engine layers keep the policy's own forward."""
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+        if getattr(policy.state, "pp", 1) != 1 or len(policy.layers) == 0:
             return False
-        layer = next(iter(policy.layers.values()), None)
-        return layer is not None and all(hasattr(layer, a) for a in ("input_norm", "post_norm", "attn", "mlp")) \
-            and all(hasattr(layer.attn, a) for a in ("qkv", "proj")) and \
-            all(hasattr(layer.mlp, a) for a in ("gate_up", "down"))
+        for layer in policy.layers.values():
+            a, m = getattr(layer, "attn", None), getattr(layer, "mlp", None)
+            if not (isinstance(getattr(a, "qkv", None), ColumnParallelLinear)
+                    and isinstance(getattr(a, "proj", None), RowParallelLinear)
+                    and isinstance(getattr(m, "gate_up", None), ColumnParallelLinear)
+                    and isinstance(getattr(m, "down", None), RowParallelLinear)):
+                return False
+        return True
 
     # ---- weights -----------------------------------------------------------------------------------------------
     def _refresh(self) -> None:
