@@ -17,7 +17,7 @@ first `--warmup` steps are excluded and the median of the rest is reported, spli
 `_generate` call, timed by a wrapper; megaent: `time/rollout_s`) and update (step - generation).
 Prints `name ours ref ratio` (ratio = TRL / megaent, > 1 means megaent is faster), then one JSON line.
 
-Usage: python tools/bench_peer.py [--steps 6] [--warmup 1] [--threads 2] [--side both|megaent|trl]
+Usage: python tools/bench_peer.py [--steps 6] [--warmup 1] [--threads 2] [--rounds 1] [--side both|megaent|trl]
 """
 from __future__ import annotations
 
@@ -219,8 +219,8 @@ def _spawn(side: str, hf_dir: Path, args: argparse.Namespace) -> list[dict[str, 
     return json.loads(lines[-1][len("BENCH_ROWS "):])
 
 
-def _median(rows: list[dict[str, float]], key: str, warmup: int) -> float:
-    return statistics.median(r[key] for r in rows[warmup:])
+def _median(rows: list[dict[str, float]], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
 
 
 def main() -> None:
@@ -229,6 +229,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--side", choices=["both", "megaent", "trl"], default="both")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="alternate the sides this many times (megaent, TRL, megaent, ...), each a fresh process "
+                         "whose first --warmup steps are dropped; medians pool all rounds. Use 2-3 on a shared "
+                         "machine so a load change hits both sides")
     ap.add_argument("--child", choices=["megaent", "trl"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--hf-dir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -240,11 +244,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_peer_") as tmp:
         hf_dir = make_policy_dir(Path(tmp) / "policy")
         sides = ["megaent", "trl"] if args.side == "both" else [args.side]
-        rows = {s: _spawn(s, hf_dir, args) for s in sides}
+        rows: dict[str, list[dict[str, float]]] = {s: [] for s in sides}
+        for _ in range(max(1, args.rounds)):
+            for s in sides:
+                rows[s] += _spawn(s, hf_dir, args)[args.warmup:]
     load = os.getloadavg()[0]
     res: dict[str, dict[str, float]] = {}
     for s, r in rows.items():
-        res[s] = {k: _median(r, k, args.warmup) for k in ("step_s", "gen_s", "update_s")}
+        res[s] = {k: _median(r, k) for k in ("step_s", "gen_s", "update_s")}
     print(f"{'name':<12}{'ours':>10}{'ref':>10}{'ratio':>8}")
     for k in ("step_s", "gen_s", "update_s"):
         ours, ref = res.get("megaent", {}).get(k, float("nan")), res.get("trl", {}).get(k, float("nan"))
@@ -252,7 +259,8 @@ def main() -> None:
     import trl
 
     summary = {"bench": "peer_grpo_step", "ours": "megaent", "ref": f"trl=={trl.__version__}",
-               "threads": args.threads, "steps": args.steps, "warmup": args.warmup, "load_1min": load,
+               "threads": args.threads, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
+               "load_1min": load,
                "workload": {"prompts": PROMPTS, "G": G, "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS,
                             "hidden": 256, "layers": 4, "vocab": 1001, "dtype": "float32"},
                **{f"{s}_{k}": v for s, d in res.items() for k, v in d.items()},
