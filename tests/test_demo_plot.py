@@ -93,6 +93,8 @@ def test_seed_summary_matches_numpy(tmp_path: Path, runs: dict[str, np.ndarray])
             assert e[key]["last_min"] == pytest.approx(last.min()) and e[key]["last_max"] == pytest.approx(last.max())
     table = format_summary(summary).splitlines()
     assert len(table) == 4 and table[1].startswith("grpo") and " +- " in table[1]
+    h = summary[0]["entropy/mean"]
+    assert table[1].endswith(f"{h['last_min']:.3f}..{h['last_max']:.3f}")
 
 
 def test_fifth_means_edge_cases() -> None:

@@ -1,30 +1,77 @@
 #!/usr/bin/env bash
-# The CPU demo: warm a tiny policy on 1-3 digit addition (cached), then RL it with GRPO, Clip-Cov and KL-Cov,
-# plot the three runs in one PNG and fit the entropy-performance law to the GRPO run.
-# Usage: bash tools/demo.sh [OUT_DIR] [key=value ...]   (extra overrides go to all three runs)
+# The CPU demo: warm one tiny policy on single-digit addition (cached in ~/.cache/megaent), then RL it with GRPO,
+# Clip-Cov and KL-Cov, each with several seeds (same starting policy; the seed drives sampling, data order and
+# Clip-Cov's random pick), two runs at a time on one thread each. Prints a table of mean +- std across seeds of
+# entropy and reward over the first and last fifth of the steps, draws every method's mean with a min-max band
+# over seeds (curves.png) and fits the entropy-performance law to the GRPO runs (entropy_law.png).
+# Usage: bash tools/demo.sh [OUT_DIR] [key=value ...]   (extra overrides go to every run)
+#   DEMO_SEEDS="0 1 2" (seeds per method), DEMO_JOBS=2 (runs at a time; one CPU core each)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/demo}
 shift || true
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false
-for name in grpo clip_cov kl_cov; do
-  cfg=configs/demo.yaml
-  [ "$name" != grpo ] && cfg=configs/demo_${name}.yaml
-  echo "== $name ($cfg) -> $out/$name"
-  megaent train "$cfg" "trainer.run_dir=$out/$name" "$@"
-done
-megaent plot "$out/grpo" "$out/clip_cov" "$out/kl_cov" --out "$out/curves.png"
-megaent fit-law "$out/grpo" --out "$out/entropy_law.png" || true
-python - "$out" <<'PY'
-import json, sys
-from pathlib import Path
-out = Path(sys.argv[1])
-print(f"{'run':10s} {'entropy first':>13s} {'entropy last':>12s} {'reward first':>12s} {'reward last':>11s}")
-for name in ("grpo", "clip_cov", "kl_cov"):
-    rows = [json.loads(l) for l in (out / name / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    k = max(1, len(rows) // 5)  # average the first and last fifth: single steps are noisy
-    avg = lambda rs, key: sum(r[key] for r in rs) / len(rs)
-    print(f"{name:10s} {avg(rows[:k], 'entropy/mean'):13.3f} {avg(rows[-k:], 'entropy/mean'):12.3f} "
-          f"{avg(rows[:k], 'reward/mean'):12.3f} {avg(rows[-k:], 'reward/mean'):11.3f}")
-print(f"plots: {out / 'curves.png'}  {out / 'entropy_law.png'}")
+seeds=${DEMO_SEEDS:-0 1 2}
+jobs=${DEMO_JOBS:-2}
+export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+mkdir -p "$out"
+start=$SECONDS
+
+echo "== warm-up: the tiny starting policy shared by all runs (cached after the first time)"
+policy=$(python - "$@" 2> "$out/warmup.log" <<'PY'
+import sys
+from megaent.config import load_config
+from megaent.data.warmup import warmup_policy
+from megaent.trainer.components import demo_policy_dir
+cfg = load_config("configs/demo.yaml", [a for a in sys.argv[1:] if not a.startswith("trainer.run_dir=")])
+if cfg.model.path:
+    print(cfg.model.path)
+else:
+    d = demo_policy_dir(cfg.data.task, cfg.trainer.seed, digits=cfg.data.task_max_digits,
+                        steps=cfg.model.demo_warmup_steps)
+    print(warmup_policy(d, seed=cfg.trainer.seed, steps=cfg.model.demo_warmup_steps,
+                        max_digits=cfg.data.task_max_digits))
 PY
+) || { echo "demo: warm-up failed:" >&2; tail -n 20 "$out/warmup.log" >&2; exit 1; }
+echo "   $policy ($((SECONDS - start)) s)"
+
+run_one() {  # name config seed [overrides]: one run, its log in OUT_DIR/NAME_seedS.log
+  local name=$1 cfg=$2 seed=$3
+  shift 3
+  local dir="$out/${name}_seed$seed" t0=$SECONDS
+  if megaent train "$cfg" "trainer.run_dir=$dir" "trainer.seed=$seed" "model.path=$policy" trainer.threads=1 \
+      trainer.quiet=true "$@" > "$dir.log" 2>&1; then
+    echo "   done ${name}_seed$seed in $((SECONDS - t0)) s: $(grep -o 'step [0-9]*/[0-9]*.*entropy [0-9.]*' "$dir.log" | tail -n 1)"
+  else
+    echo "   FAILED ${name}_seed$seed: see $dir.log" >&2
+    tail -n 5 "$dir.log" >&2
+    touch "$dir.failed"
+  fi
+}
+
+echo "== RL: grpo, clip_cov, kl_cov x seeds {$seeds}, $jobs at a time (logs: $out/*.log)"
+rm -f "$out"/*.failed
+for seed in $seeds; do
+  for name in grpo clip_cov kl_cov; do
+    cfg=configs/demo.yaml
+    [ "$name" != grpo ] && cfg=configs/demo_${name}.yaml
+    while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n || true; done
+    run_one "$name" "$cfg" "$seed" "$@" &
+  done
+done
+wait
+if ls "$out"/*.failed > /dev/null 2>&1; then echo "demo: some runs failed (see above)" >&2; exit 1; fi
+echo "   all runs done ($((SECONDS - start)) s)"
+
+runs=()
+for name in grpo clip_cov kl_cov; do for seed in $seeds; do runs+=("$out/${name}_seed$seed"); done; done
+megaent plot "${runs[@]}" --out "$out/curves.png" > /dev/null
+grpo_runs=()
+for seed in $seeds; do grpo_runs+=("$out/grpo_seed$seed"); done
+megaent fit-law "${grpo_runs[@]}" --out "$out/entropy_law.png" || true
+python - "${runs[@]}" <<'PY'
+import sys
+from megaent.trainer.plots import format_summary, seed_summary
+print("\nmean +- std across seeds of each run's average over its first / last fifth of the steps:")
+print(format_summary(seed_summary(sys.argv[1:])))
+PY
+echo "plots: $out/curves.png  $out/entropy_law.png   (demo wall time $((SECONDS - start)) s)"

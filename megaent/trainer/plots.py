@@ -94,11 +94,13 @@ def seed_summary(run_dirs: Sequence[str | Path], keys: Sequence[str] = ("entropy
 
 
 def format_summary(summary: list[dict], keys: Sequence[str] = ("entropy/mean", "reward/mean")) -> str:
-    """A plain-text table of `seed_summary`: one row per method, `mean +- std` across seeds."""
+    """A plain-text table of `seed_summary`: one row per method, `mean +- std` across seeds, then the range
+    (min..max over seeds) of the first key's last-fifth average."""
     head = f"{'method':12s} {'seeds':>5s} {'steps':>5s}"
     for key in keys:
         short = key.split("/")[0]
         head += f" {short + ' first':>15s} {short + ' last':>15s}"
+    head += f"  {keys[0].split('/')[0]} last, min..max over seeds"
     lines = [head]
     for e in summary:
         line = f"{e['method']:12s} {e['seeds']:5d} {e['steps']:5d}"
@@ -106,6 +108,7 @@ def format_summary(summary: list[dict], keys: Sequence[str] = ("entropy/mean", "
             for part in ("first", "last"):
                 m, s = e[key][part]
                 line += f" {f'{m:.3f} +- {s:.3f}':>15s}"
+        line += f"  {e[keys[0]]['last_min']:.3f}..{e[keys[0]]['last_max']:.3f}"
         lines.append(line)
     return "\n".join(lines)
 
