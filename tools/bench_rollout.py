@@ -1,6 +1,6 @@
 """Rollout throughput: megaent EmbeddedEngine vs HF `generate(do_sample=True)`, same model, same batch.
 
-    OMP_NUM_THREADS=1 python tools/bench_rollout.py [--prompts 8 --samples 8 --prompt-len 32 --new-tokens 64 ...]
+    python tools/bench_rollout.py [--prompts 8 --samples 8 --prompt-len 32 --new-tokens 64 --threads 2 ...]
 
 Builds a random Qwen2 checkpoint in a temporary directory (nothing downloaded),
 loads it into both engines and generates, for each workload, `prompts x samples`
@@ -61,7 +61,8 @@ def main() -> None:
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2,
+                   help="intra-op threads for both engines (the CI machine class has 2 cores)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
 
