@@ -100,6 +100,45 @@ class SegmentLayout:
         return SegmentLayout(gather=gather, scatter=scatter, n_seg=n_seg, max_len=max_len)
 
 
+class _ToSegments(torch.autograd.Function):
+    """rows [B*S, ...] -> padded segments [n_seg*L_max, ...] (index_select by `gather`).
+
+    Backward is an index_select by `scatter` (each real position reads its own slot) instead of autograd's
+    index_put_ with accumulate over `gather`, which also adds the padding slots' gradients into position 0.
+    Those are exactly zero here: padding sits at the end of each causal segment row, so padded keys and values
+    are attended only by padded queries, whose outputs `_FromSegments` drops (zero gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gather: torch.Tensor, scatter: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(scatter)
+        return x.index_select(0, gather)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (scatter,) = ctx.saved_tensors
+        return grad.index_select(0, scatter), None, None
+
+
+class _FromSegments(torch.autograd.Function):
+    """padded segments [n_seg*L_max, ...] -> rows [B*S, ...] (index_select by `scatter`, injective).
+
+    Backward writes each row's gradient into its slot (index_copy_), zero for padding slots.
+    """
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, scatter: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(scatter)
+        ctx.n_slots = y.shape[0]
+        return y.index_select(0, scatter)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (scatter,) = ctx.saved_tensors
+        out = grad.new_zeros((ctx.n_slots, *grad.shape[1:]))
+        return out.index_copy_(0, scatter, grad), None
+
+
 def _segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SegmentLayout, *, scale: float,
                        gqa: bool) -> torch.Tensor:
     """q [B, Nl, S, D], k/v [B, KVl, S, D] -> [B, S, Nl, D]: causal attention inside each packed segment."""
@@ -108,11 +147,12 @@ def _segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout
     def pad(x: torch.Tensor) -> torch.Tensor:  # [B, n, S, D] -> [n_seg, n, L_max, D]
         n = x.shape[1]
         flat = x.transpose(1, 2).reshape(b * s, n, d)
-        return flat[layout.gather].view(layout.n_seg, layout.max_len, n, d).transpose(1, 2)
+        return _ToSegments.apply(flat, layout.gather, layout.scatter).view(layout.n_seg, layout.max_len, n,
+                                                                            d).transpose(1, 2)
 
     out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), is_causal=True, scale=scale, enable_gqa=gqa)
     n_q = q.shape[1]
-    out = out.transpose(1, 2).reshape(layout.n_seg * layout.max_len, n_q, d)[layout.scatter]
+    out = _FromSegments.apply(out.transpose(1, 2).reshape(layout.n_seg * layout.max_len, n_q, d), layout.scatter)
     return out.view(b, s, n_q, d)
 
 
