@@ -175,7 +175,7 @@ class OptimizerConfig:
     min_lr_ratio: float = 0.0
     """Cosine floor as a fraction of lr."""
     zero1: bool = False
-    """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
+    """Shard optimizer state over data-parallel ranks (ZeRO-1); checkpoints stay layout-independent."""
 
 
 @dataclass

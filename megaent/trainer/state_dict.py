@@ -11,6 +11,13 @@ fills them in place.
 Keys: `model.<hf name>`, `optim.exp_avg.<hf name>`, `optim.exp_avg_sq.<hf name>`. A tied head on the last stage
 (PP > 1) is not written (it equals the embedding) but is read back from `model.model.embed_tokens.weight`.
 Parameters with fp32 masters (bf16 training) checkpoint the masters, not the rounded bf16 copies.
+
+ZeRO-1 (`optimizer.zero1`): a parameter's master and Adam moments live only on its owner DP rank, so the
+owner's TP group alone writes that parameter's `model.*` and `optim.*` keys, as DTensors on its TP sub-mesh
+(the other DP replicas hold no moments and, with bf16 params, only the rounded copy). Keys and global shapes
+are the same as without ZeRO-1, so a checkpoint loads into any layout, ZeRO-1 or not: on load every rank
+reads the `model.*` keys (into its master when it owns the parameter, else into the live parameter) and the
+moments of the parameters it owns.
 """
 from __future__ import annotations
 
@@ -50,9 +57,10 @@ def _parts(policy: Any, local: torch.Tensor, spec: Any, *, loading: bool) -> Ite
 
 
 def _dtensor(piece: torch.Tensor, part: Any, mesh: DeviceMesh) -> DTensor:
+    """Local piece -> DTensor of the part's global shape on `mesh` ((dp, tp) or tp): replicated over dp."""
     full = torch.empty(part.shape, device="meta")
-    return DTensor.from_local(piece, mesh, [Replicate(), _PLACEMENT[part.kind]], run_check=False,
-                              shape=full.shape, stride=full.stride())
+    placements = [Replicate()] * (mesh.ndim - 1) + [_PLACEMENT[part.kind]]
+    return DTensor.from_local(piece, mesh, placements, run_check=False, shape=full.shape, stride=full.stride())
 
 
 def _adam_moments(optimizer: Any, index: int) -> dict[str, torch.Tensor]:
@@ -68,24 +76,29 @@ def _adam_moments(optimizer: Any, index: int) -> dict[str, torch.Tensor]:
 
 def canonical_state(policy: Any, optimizer: Any, state: ParallelState, *, loading: bool) -> dict[str, Any]:
     """DCP state dict of this rank: DTensor views of the model (and Adam moments when `optimizer` is given)."""
-    if optimizer is not None and optimizer.zero1:
-        raise NotImplementedError("checkpoints with optimizer.zero1=true are not supported yet; set "
-                                  "optimizer.zero1=false (the optimizer state is then replicated over DP)")
     mesh = stage_mesh(state)
+    zero1 = optimizer is not None and optimizer.zero1
+    owner_mesh = mesh["tp"] if zero1 else mesh  # ZeRO-1: the owner's TP group writes (see module docstring)
     params = dict(policy.named_parameters())
     index = {id(p): i for i, p in enumerate(optimizer.params)} if optimizer is not None else {}
     out: dict[str, Any] = {}
     for spec in policy.param_specs():
         param = params[spec.name]
         i = index.get(id(param))
-        value = optimizer.masters[i] if i is not None else param.data
+        owned = i is not None and i in optimizer.masters
+        if zero1 and not owned:
+            if loading:  # read the parameter straight into the live tensor; its owner restores the moments
+                for part, piece in _parts(policy, param.data, spec, loading=True):
+                    out[f"model.{part.hf_name}"] = _dtensor(piece, part, mesh)
+            continue
+        value = optimizer.masters[i] if owned else param.data
         for part, piece in _parts(policy, value.data, spec, loading=loading):
-            out[f"model.{part.hf_name}"] = _dtensor(piece, part, mesh)
-        if i is None:
+            out[f"model.{part.hf_name}"] = _dtensor(piece, part, owner_mesh)
+        if not owned:
             continue
         for key, moment in _adam_moments(optimizer, i).items():
             for part, piece in _parts(policy, moment, spec, loading=loading):
-                out[f"optim.{key}.{part.hf_name}"] = _dtensor(piece, part, mesh)
+                out[f"optim.{key}.{part.hf_name}"] = _dtensor(piece, part, owner_mesh)
     return out
 
 
