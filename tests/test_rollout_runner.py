@@ -7,7 +7,8 @@ without prepacked oneDNN weights:
   forward over the whole sequence (<= 2e-5);
 - rows without padding (key_mask None) give the same logits as with an all-True mask;
 - after an in-place weight change (what an optimizer step does) the runner decodes the new weights;
-- prepack=True on a torch build without oneDNN is a clear error, and auto mode falls back to F.linear.
+- prepack=True on a torch build without oneDNN is a clear error, and auto mode falls back to F.linear;
+- a bf16 policy (no prepacking, the model's own RMSNorm) matches its bf16 training forward to a few ulps.
 TP = 2 is covered by tests/test_rollout_engine.py (the engine decodes through this runner).
 
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_rollout_runner.py
@@ -101,3 +102,20 @@ def test_prepack_without_onednn_is_a_clear_error(policy, monkeypatch):
     with pytest.raises(RuntimeError, match="prepack=False"):
         DecodeRunner(policy, prepack=True)
     assert DecodeRunner(policy).prepack is False  # auto falls back to F.linear
+
+
+def test_runner_bf16_matches_training_forward(tmp_path):
+    """bf16 policy: the runner keeps the model's RMSNorm module (fp32 inside) and plain GEMMs, no prepacking."""
+    from megaent.model import load_hf
+    from megaent.parallel import init_parallel
+
+    d = make_tiny_hf(tmp_path / "m", "qwen2", vocab_size=300, layers=2, seed=5)
+    policy = load_hf(str(d), init_parallel(1, 1), dtype=torch.bfloat16)
+    runner = DecodeRunner(policy)
+    assert runner.prepack is False
+    ids, mask, logits = _decode(runner, policy, [[5, 17, 33, 8], [40, 41], [7, 9, 60, 61, 62, 11], [99]], 5)
+    ref = _reference_last_logits(policy, ids, mask)
+    assert logits.dtype == torch.bfloat16
+    # Same bf16 ops up to summation order: a few bf16 ulps at the logits' scale (|logit| < 4, ulp 1/64).
+    torch.testing.assert_close(logits.float(), ref.float(), rtol=0, atol=0.05)
+    assert torch.equal(logits.argmax(-1), ref.argmax(-1))
