@@ -132,6 +132,10 @@ class Policy(torch.nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden [B, S, H] -> vocab-sharded logits [B, S, Vl] (padding masked). No collectives."""
         logits, _ = self.head(hidden, weight=self.embed.weight if self.head_reuses_embedding else None)
+        return self.mask_padded_vocab(logits)
+
+    def mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Vocab-sharded logits [..., Vl] with this shard's padding entries set to finfo(dtype).min."""
         if self._vocab_pad is not None:
             logits = logits.masked_fill(self._vocab_pad, torch.finfo(logits.dtype).min)
         return logits

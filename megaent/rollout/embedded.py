@@ -98,6 +98,7 @@ class EmbeddedEngine:
         self._seed_gen = torch.Generator().manual_seed(seed)
         self.prepack = prepack
         self._runner: Optional[DecodeRunner] = None
+        self._runner_of: Any = None  # the policy object `_runner` was decided for
 
     @classmethod
     def from_hf(cls, hf_dir: str | Path, state: Any, *, dtype: torch.dtype = torch.float32, **kw: Any
@@ -163,7 +164,8 @@ class EmbeddedEngine:
 
     def _runner_for_policy(self) -> Optional[DecodeRunner]:
         """The inference forward bound to the current `self.policy` (None: a layer backend it cannot read)."""
-        if self._runner is None or self._runner.policy is not self.policy:
+        if self._runner_of is not self.policy:  # once per policy object, not per decode step
+            self._runner_of = self.policy
             self._runner = DecodeRunner(self.policy, prepack=self.prepack) if DecodeRunner.supports(self.policy) \
                 else None
         return self._runner

@@ -20,7 +20,8 @@ stores each weight in the blocked layout its GEMM wants; on an AVX2 core it
 runs the decode GEMMs (M = 16) ~1.3x faster than `F.linear` (MKL) on the same
 weights, to fp32 rounding. The packed copies are rebuilt whenever the policy's
 parameters change (their version counters move after every optimizer step or
-weight load), so the runner always decodes the current policy.
+weight load; checked when a sequence starts), so the runner always decodes the
+current policy.
 
 Numerics equal the training forward up to GEMM summation order (the engine's
 tests check sampled log-probs against the trainer's to 1e-5 and greedy output
@@ -69,7 +70,7 @@ class DecodeRunner:
     def __init__(self, policy: Any, *, prepack: Optional[bool] = None, rows_hint: int = 16):
         self.policy = policy
         st = policy.state
-        self.tp, self.group = st.tp, (st.tp_group if st.tp > 1 else None)
+        self.group = st.tp_group if st.tp > 1 else None
         auto = st.device.type == "cpu" and policy.dtype == torch.float32 and onednn_prepack_available()
         self.prepack = auto if prepack is None else bool(prepack)
         if self.prepack and not onednn_prepack_available():
@@ -146,8 +147,11 @@ class DecodeRunner:
         """Forward new tokens input_ids [B, S] at position_ids [B, S] into `cache` (written at [length, length+S),
         then advanced); key_mask [B, length + S] bool (True = real token) or None when no row is padded.
         Returns the vocab-sharded logits of the last position [B, Vl] (padding = finfo.min).
+        Weights are (re)read at the start of each sequence (a prefill into an empty cache): a KV cache filled
+        by other weights could not be continued anyway, so decode steps skip the check.
         Collectives on tp_group: 1 all-reduce for the embedding + 2 per layer."""
-        self._refresh()
+        if cache.length == 0 or self._stamp is None:
+            self._refresh()
         pol = self.policy
         b, s = input_ids.shape
         x = self._embed(input_ids)
@@ -173,7 +177,4 @@ class DecodeRunner:
             gate, up = gate_up_l(self._norm(layer.post_norm, x)).chunk(2, dim=-1)
             x = x + self._reduce(down_l(F.silu(gate) * up))
         cache.advance(s)
-        logits = self._head(self._norm(pol.final_norm, x[:, -1]))
-        if pol._vocab_pad is not None:
-            logits = logits.masked_fill(pol._vocab_pad, torch.finfo(logits.dtype).min)
-        return logits
+        return pol.mask_padded_vocab(self._head(self._norm(pol.final_norm, x[:, -1])))
