@@ -194,7 +194,8 @@ class SyntheticPrompts(Sequence[Prompt]):
 
 
 def build_prompts(cfg: Any, *, tokenizer: Any, seed: int = 0, size: Optional[int] = None) -> Sequence[Prompt]:
-    """Dataset for a `DataConfig`: the file at cfg.path, or the synthetic task cfg.task (seeded)."""
+    """Dataset for a `DataConfig`: the file at cfg.path, or the synthetic task cfg.task with operands of up to
+    cfg.task_max_digits digits (`seed` seeds its problem stream; a file ignores it)."""
     if cfg.path:
         return PromptDataset(
             cfg.path,
@@ -206,4 +207,5 @@ def build_prompts(cfg: Any, *, tokenizer: Any, seed: int = 0, size: Optional[int
         )
     if cfg.task not in TASKS:
         raise DataError(f"data.task={cfg.task!r}: unknown synthetic task; choose one of {sorted(TASKS)} or set data.path")
-    return SyntheticPrompts(TASKS[cfg.task](seed=seed), tokenizer=tokenizer, size=size or 100_000)
+    return SyntheticPrompts(TASKS[cfg.task](max_digits=cfg.task_max_digits, seed=seed), tokenizer=tokenizer,
+                            size=size or 100_000)

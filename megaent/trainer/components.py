@@ -127,21 +127,11 @@ def build_prompts(cfg: DataConfig, tokenizer: Any, *, seed: int, batch_size: int
     from megaent.data.prompts import DataError
     from megaent.data.prompts import build_prompts as build_dataset
 
-    if cfg.path and not Path(cfg.path).is_file():
-        raise ConfigError(f"data.path={cfg.path!r}: file not found; give a .jsonl or .parquet prompt file")
     try:
-        if cfg.path:
-            ds = build_dataset(cfg, tokenizer=tokenizer, seed=seed)
-        else:
-            from megaent.data.prompts import SyntheticPrompts
-            from megaent.rewards.synthetic import TASKS
-
-            if cfg.task not in TASKS:
-                raise ConfigError(f"data.task={cfg.task!r}: unknown synthetic task; choose one of {sorted(TASKS)}")
-            task = TASKS[cfg.task](max_digits=cfg.task_max_digits, seed=seed + HELD_OUT_SEED)
-            ds = SyntheticPrompts(task, tokenizer=tokenizer, size=100_000)
+        # The offset only moves the synthetic task's problem stream (a file ignores the seed).
+        ds = build_dataset(cfg, tokenizer=tokenizer, seed=seed + HELD_OUT_SEED)
         return PromptLoader(ds, batch_size=batch_size, seed=seed, shuffle=cfg.shuffle)
-    except (DataError, ValueError) as exc:  # malformed rows, too few prompts: the user's data to fix
+    except (DataError, ValueError) as exc:  # missing file, malformed rows, too few prompts: the user's data to fix
         raise ConfigError(str(exc)) from None
 
 
