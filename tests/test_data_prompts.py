@@ -174,3 +174,6 @@ def test_group_filter_and_fill_batch():
     assert trim.groups == [10] and trim.kept == 2 and trim.rounds == 1 and trim.full
     dry = fill_batch(lambda n, r: ([r], [[1, 1]]), target=2, max_tries=4)
     assert dry.groups == [] and dry.rounds == 4 and not dry.full and dry.metrics()["group_filter/batch_full"] == 0.0
+    # Filter off: uninformative groups are kept too and one round fills the batch.
+    off = fill_batch(lambda n, r: ([20, 21, 22], [[1, 1], [0, 1], [1]]), target=3, max_tries=1, drop_uninformative=False)
+    assert off.groups == [20, 21, 22] and off.full and off.rounds == 1 and off.metrics()["group_filter/kept_frac"] == 1.0

@@ -54,6 +54,7 @@ def fill_batch(
     *,
     target: int,
     max_tries: int,
+    drop_uninformative: bool = True,
 ) -> FillResult[T]:
     """Accumulate informative groups over rounds until `target` are kept or `max_tries` rounds are spent.
 
@@ -63,6 +64,7 @@ def fill_batch(
         target: groups wanted (prompts per step).
         max_tries: most rounds; when spent, whatever was kept is returned
             (`full=False`), possibly nothing.
+        drop_uninformative: False keeps every group (the filter off: one round fills the batch).
     """
     if target < 1 or max_tries < 1:
         raise ValueError(f"fill_batch: target={target} and max_tries={max_tries} must both be >= 1")
@@ -72,7 +74,7 @@ def fill_batch(
         groups, rewards = sample_more(target - len(kept), rounds)
         rounds += 1
         sampled += len(groups)
-        good = filter_groups(groups, rewards)
+        good = filter_groups(groups, rewards) if drop_uninformative else list(groups)
         n_kept += len(good)
         kept.extend(good)
     return FillResult(kept[:target], rounds, sampled, n_kept, full=len(kept) >= target)

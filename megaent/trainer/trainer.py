@@ -134,12 +134,10 @@ class Trainer:
                 if self.state.rank == 0 and len(seen["texts"]) < t.samples_to_log:
                     seen["texts"].append({"prompt": p.text, "response": self.tokenizer.decode(g[0].output_ids),
                                           "reward": r[0], "answer": p.answer})
-            kept = list(zip(prompts, groups, rewards))
-            # Without the filter every group counts as informative (fill_batch keeps what differs).
-            return kept, (rewards if a.group_filter else [[0.0, 1.0]] * len(groups))
+            return list(zip(prompts, groups, rewards)), rewards
 
         res = fill_batch(sample_more, target=t.prompts_per_step, max_tries=a.group_filter_max_tries if a.group_filter
-                         else 1)
+                         else 1, drop_uninformative=a.group_filter)
         if not res.full:
             log.warning("step %d: group filter kept %d/%d groups after %d rounds; training on what was kept",
                         step, len(res.groups), t.prompts_per_step, res.rounds)
