@@ -1,6 +1,7 @@
 """End-to-end `megaent train` on CPU: run directory contents, exact resume after kill -9 (metrics of the
 following steps equal an uninterrupted run bitwise), TP=2 / PP=2 first-step metrics equal TP=1, HF export loads
-in `transformers` and generates, and user errors exit 2 with one line.
+in `transformers` and generates, one sample per prompt passes the group filter, and user errors exit 2 with one
+line.
 References: an uninterrupted run of the same config (resume), the TP=1 run (layouts), `transformers` (export).
 The policy is the demo's warmed tiny Llama (built once per session; cached in MEGAENT_CACHE).
 Run: pytest tests/test_trainer_e2e.py  (slow: ~minutes)
@@ -111,6 +112,19 @@ def test_tp2_and_pp2_first_step_match_tp1(tmp_path, demo_policy):
         for key, value in want.items():
             if isinstance(value, float) and key != "rollout/sync_shared":
                 assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (name, key)
+
+
+@pytest.mark.slow
+def test_one_sample_per_prompt_keeps_every_prompt_with_the_group_filter_on(tmp_path, demo_policy):
+    # A group of one sample has nothing to compare: the DAPO filter must not drop it (it used to drop all,
+    # roll out 4 rounds and train on nothing).
+    p = _train(["configs/demo.yaml", f"model.path={demo_policy}", "trainer.steps=1", *SMALL, "rollout.n_samples=1",
+                "algorithm.group_filter=true", "algorithm.advantage=reinforce_pp", "algorithm.policy_loss=ppo",
+                f"trainer.run_dir={tmp_path / 'g1'}"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = _metrics(tmp_path / "g1")[0]
+    assert m["group_filter/rounds"] == 1.0 and m["group_filter/kept_frac"] == 1.0
+    assert m["group_filter/batch_full"] == 1.0 and m["tokens"] > 0
 
 
 @pytest.mark.parametrize("args,needle", [

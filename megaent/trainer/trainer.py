@@ -137,7 +137,7 @@ class Trainer:
             return list(zip(prompts, groups, rewards)), rewards
 
         res = fill_batch(sample_more, target=t.prompts_per_step, max_tries=a.group_filter_max_tries if a.group_filter
-                         else 1, drop_uninformative=a.group_filter)
+                         else 1, drop_uninformative=a.group_filter and G > 1)  # one sample: nothing to compare
         if not res.full:
             log.warning("step %d: group filter kept %d/%d groups after %d rounds; training on what was kept",
                         step, len(res.groups), t.prompts_per_step, res.rounds)
