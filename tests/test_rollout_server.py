@@ -153,21 +153,22 @@ def test_weight_update_from_disk(servers, hf_dir, local, tmp_path):
 def test_killed_server_loses_no_sample(servers, local):
     client = SGLangClient(servers.urls, max_concurrency=16, reprobe_s=60)
     prompts = [[3 + i, 20 + i, 7] for i in range(16)]
-    params = SamplingParams(n=2, max_new_tokens=48, temperature=1.0, seed=7, ignore_eos=True)
+    # Long enough responses that the victim is still decoding when it is killed (the engine is fast).
+    params = SamplingParams(n=2, max_new_tokens=96, temperature=1.0, seed=7, ignore_eos=True)
     result: dict = {}
     th = threading.Thread(target=lambda: result.setdefault("out", client.generate(prompts, params)))
     th.start()
     victim = servers.urls[1]
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # wait until the victim is busy with our requests
+    busy = 0
+    while time.monotonic() < deadline and busy == 0:  # wait until the victim is busy with our requests
         try:
-            if httpx.get(victim + "/get_server_info", timeout=5).json()["in_flight"] > 0:
-                break
+            busy = httpx.get(victim + "/get_server_info", timeout=5).json()["in_flight"]
         except httpx.HTTPError:
             pass
-        time.sleep(0.02)
-    busy = httpx.get(victim + "/get_server_info", timeout=5).json()["in_flight"]
-    servers.procs[1].kill()
+        if busy == 0:
+            time.sleep(0.01)
+    servers.procs[1].kill()  # at once: asking again first could let the victim finish its requests
     th.join(timeout=240)
     out = result["out"]
     assert len(out) == len(prompts) and all(len(g) == 2 for g in out)
