@@ -110,7 +110,9 @@ def test_tp2_and_pp2_first_step_match_tp1(tmp_path, demo_policy):
         got = _metrics(tmp_path / name)[0]
         assert got["reward/mean"] == want["reward/mean"] and got["tokens"] == want["tokens"], name
         for key, value in want.items():
-            if isinstance(value, float) and key != "rollout/sync_shared":
+            if key.startswith("rollout/logprob_diff"):  # trainer vs engine rounding: ~0 when the update reuses
+                assert got[key] <= 1e-4 and value <= 1e-4, (name, key)  # the decode's forward, else ~1e-6
+            elif isinstance(value, float) and key != "rollout/sync_shared":
                 assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (name, key)
 
 

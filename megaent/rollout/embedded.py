@@ -86,7 +86,8 @@ class EmbeddedEngine:
     """
 
     def __init__(self, policy: Any, state: Any, *, eos_token_ids: Sequence[int] = (), seed: int = 0,
-                 max_batch_rows: int = 256, pad_token_id: int = 0, prepack: Optional[bool] = None) -> None:
+                 max_batch_rows: int = 256, pad_token_id: int = 0, prepack: Optional[bool] = None,
+                 record_tapes: bool = False, tape_max_bytes: int = 2 << 30) -> None:
         if getattr(state, "pp", 1) != 1:
             raise RolloutError(f"the embedded engine needs parallel.pp=1 (got pp={state.pp}); use "
                                "rollout.engine=http with `megaent serve` for pipeline-parallel training")
@@ -99,6 +100,10 @@ class EmbeddedEngine:
         self.prepack = prepack
         self._runner: Optional[DecodeRunner] = None
         self._runner_of: Any = None  # the policy object `_runner` was decided for
+        self.record_tapes, self.tape_max_bytes = record_tapes, tape_max_bytes
+        self._tapes: dict[int, Any] = {}  # serial -> ActivationTape of a decode batch (until clear_tapes)
+        self._tape_serial = 0
+        self._tape_tag = f"{id(self)}-{torch.randint(0, 2**62, (1,)).item()}"  # this engine's tapes only
 
     @classmethod
     def from_hf(cls, hf_dir: str | Path, state: Any, *, dtype: torch.dtype = torch.float32, **kw: Any
@@ -112,6 +117,33 @@ class EmbeddedEngine:
         from megaent.model import load_hf
 
         self.policy = load_hf(str(hf_dir), self.state, dtype=self.policy.dtype)
+
+    # ---------------------------------------------------------------- rollout-forward reuse
+    def clear_tapes(self) -> None:
+        """Drop the recorded activations of earlier decodes (`record_tapes`)."""
+        self._tapes.clear()
+
+    def tape_row(self, sample: Sample) -> Optional[tuple[Any, int]]:
+        """(ActivationTape, decode row) that recorded `sample`'s forward, or None (see megaent.model.tape)."""
+        key = sample.meta.get("tape")
+        if not isinstance(key, str) or not key.startswith(self._tape_tag + ":"):
+            return None
+        _, serial, row = key.rsplit(":", 2)
+        tape = self._tapes.get(int(serial))
+        return None if tape is None else (tape, int(row))
+
+    def _new_tape(self, chunk: list, n_prompts: int, p_len: int, m: int) -> Any:
+        from megaent.model.tape import ActivationTape, param_stamp
+
+        if not self.record_tapes or self._runner_for_policy() is None:
+            return None
+        shape = dict(n_prompts=n_prompts, prompt_pad_len=p_len, n_rows=len(chunk), max_new=m)
+        need = ActivationTape.nbytes_for(self.policy, **shape)
+        if need > self.tape_max_bytes:
+            log.info("not recording the rollout forward: %.2f GiB > tape_max_bytes %.2f GiB", need / 2**30,
+                     self.tape_max_bytes / 2**30)
+            return None
+        return ActivationTape(self.policy, stamp=param_stamp(self.policy), **shape)
 
     @property
     def vocab_size(self) -> int:
@@ -171,12 +203,15 @@ class EmbeddedEngine:
         return self._runner
 
     def _last_logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: Optional[torch.Tensor],
-                     cache: Any) -> torch.Tensor:
+                     cache: Any, record: Any = None) -> torch.Tensor:
         """Forward the new tokens (mask: [B, S_k] key padding, None when no row is padded); full-vocabulary
-        logits of the last position [B, V] (one TP all-gather)."""
+        logits of the last position [B, V] (one TP all-gather). `record`: see `DecodeRunner.last_logits`; it
+        also gets ("head", local logits [B, Vl]) with slot -1."""
         runner = self._runner_for_policy()
         if runner is not None:
-            logits = runner.last_logits(input_ids, position_ids, key_mask=mask, cache=cache)  # [B, Vl]
+            logits = runner.last_logits(input_ids, position_ids, key_mask=mask, cache=cache, record=record)
+            if record is not None:
+                record(-1, "head", logits)  # [B, Vl]
         else:
             hidden = self.policy.final_hidden(input_ids, position_ids, attention_mask=mask, kv_cache=cache)
             logits = self.policy.compute_logits(hidden[:, -1:])[:, 0]  # [B, Vl]: the head on the last position
@@ -206,7 +241,14 @@ class EmbeddedEngine:
         padded = any(len(c[3]) != p_len for c in chunk)  # left padding needs a key mask; else none at all
         mask0 = rows.mask.index_select(0, first)[:, :p_len]
         positions = (mask0.long().cumsum(-1) - 1).clamp_(min=0)
-        logits = self._last_logits(input_ids.index_select(0, first), positions, mask0 if padded else None, cache)
+        tape = self._new_tape(chunk, int(first.numel()), p_len, m)
+        head: list[torch.Tensor] = []
+        rec = None if tape is None else (lambda slot, name, y: head.append(y) if slot < 0 else
+                                         tape.write_prefill(slot, name, y))
+        logits = self._last_logits(input_ids.index_select(0, first), positions, mask0 if padded else None, cache,
+                                   record=rec)
+        if tape is not None:
+            tape.finish_prefill(expand, torch.tensor([len(c[3]) for c in chunk], device=device), head[0])
         if first.numel() < b0:
             cache.select_(expand)
             logits = logits.index_select(0, expand)
@@ -230,10 +272,20 @@ class EmbeddedEngine:
                 rows, tok, live = rows.select(idx), tok.index_select(0, idx), live.index_select(0, idx)
                 cache.select_(idx)
             rows.mask[:, p_len + t] = True
+            if tape is not None:
+                at = tape.step_rows(rows.out_row, t + 1)
+                rec = (lambda slot, name, y, at=at: tape.logits.index_copy_(0, at - tape.base, y) if slot < 0 else
+                       tape.act[slot][name].index_copy_(0, at, y[:, 0]))
             logits = self._last_logits(tok.unsqueeze(-1), rows.next_pos.unsqueeze(-1),
-                                       rows.mask[:, :p_len + t + 1] if padded else None, cache)
+                                       rows.mask[:, :p_len + t + 1] if padded else None, cache, record=rec)
             rows.next_pos += 1
-        return self._to_samples(chunk, out_tok.cpu(), out_lp.cpu(), out_len.cpu(), stopped.cpu())
+        samples = self._to_samples(chunk, out_tok.cpu(), out_lp.cpu(), out_len.cpu(), stopped.cpu())
+        if tape is not None:
+            serial = self._tape_serial = self._tape_serial + 1
+            self._tapes[serial] = tape
+            for k, smp in enumerate(samples):
+                smp.meta["tape"] = f"{self._tape_tag}:{serial}:{k}"
+        return samples
 
     @staticmethod
     def _distinct_prompts(chunk: list, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,7 +30,7 @@ against `transformers`).
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -143,12 +143,14 @@ class DecodeRunner:
 
     @torch.no_grad()
     def last_logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor, *, key_mask: Optional[torch.Tensor],
-                    cache: Any) -> torch.Tensor:
+                    cache: Any, record: Optional[Callable[[int, str, torch.Tensor], None]] = None) -> torch.Tensor:
         """Forward new tokens input_ids [B, S] at position_ids [B, S] into `cache` (written at [length, length+S),
         then advanced); key_mask [B, length + S] bool (True = real token) or None when no row is padded.
         Returns the vocab-sharded logits of the last position [B, Vl] (padding = finfo.min).
         Weights are (re)read at the start of each sequence (a prefill into an empty cache): a KV cache filled
         by other weights could not be continued anyway, so decode steps skip the check.
+        record(slot, name, y): called with every decoder linear's output y [B, S, N] (name in qkv, proj, gate_up,
+        down; row-parallel outputs after their all-reduce), for `megaent.model.tape.ActivationTape`.
         Collectives on tp_group: 1 all-reduce for the embedding + 2 per layer."""
         if cache.length == 0 or self._stamp is None:
             self._refresh()
@@ -173,8 +175,14 @@ class DecodeRunner:
             k, v = cache.update(slot, qk[:, nq:], v)
             out = F.scaled_dot_product_attention(qk[:, :nq], k, v, attn_mask=mask, is_causal=causal,
                                                  scale=self.scale, enable_gqa=nq != nkv)
-            x = x + self._reduce(proj_l(out.transpose(1, 2).reshape(b, s, nq * d)))
-            gate, up = gate_up_l(self._norm(layer.post_norm, x)).chunk(2, dim=-1)
-            x = x + self._reduce(down_l(F.silu(gate) * up))
+            o = self._reduce(proj_l(out.transpose(1, 2).reshape(b, s, nq * d)))
+            x = x + o
+            gate_up = gate_up_l(self._norm(layer.post_norm, x))
+            gate, up = gate_up.chunk(2, dim=-1)
+            down = self._reduce(down_l(F.silu(gate) * up))
+            x = x + down
+            if record is not None:
+                for name, y in (("qkv", qkv), ("proj", o), ("gate_up", gate_up), ("down", down)):
+                    record(slot, name, y)
         cache.advance(s)
         return pol.mask_padded_vocab(self._head(self._norm(pol.final_norm, x[:, -1])))

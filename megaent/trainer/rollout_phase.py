@@ -37,12 +37,15 @@ class RolloutPhase:
         self.weights_dir = run_dir / "rollout_weights"
         self.client: Any = None
         self.engine: Any = None
+        self._recorded: dict[int, Any] = {}  # TrainSample uid -> (ActivationTape, decode row)
         self.servers: Any = None
         if cfg.engine == "embedded":
             from megaent.rollout.embedded import EmbeddedEngine
 
             if state.pp == 1:
-                self.engine = EmbeddedEngine(policy, state, eos_token_ids=self.eos, seed=seed)
+                self.engine = EmbeddedEngine(policy, state, eos_token_ids=self.eos, seed=seed,
+                                             record_tapes=cfg.reuse_forward,
+                                             tape_max_bytes=int(cfg.reuse_forward_max_gib * 2**30))
             else:
                 self._solo = singleton_state(state)
                 from megaent.model import load_hf
@@ -92,6 +95,31 @@ class RolloutPhase:
         shares: list[Any] = [None] * st.dp
         dist.all_gather_object(shares, local, group=st.dp_group)
         return [s for share in shares for s in share]
+
+    def replay_source(self, samples: Sequence[Any]) -> Any:
+        """`megaent.model.tape.ReplaySource` over the tapes that recorded these TrainSamples' rollouts (matched
+        by uid through `samples_by_uid`), or None when the engine does not share the policy or kept nothing."""
+        if not (self.shares_policy and self.cfg.reuse_forward) or not self._recorded:
+            return None
+        from megaent.model.tape import ReplaySource
+
+        rows = {s.uid: self._recorded[s.uid] for s in samples if s.uid in self._recorded}
+        return ReplaySource(self.policy, rows=rows) if rows else None
+
+    def note_samples(self, by_uid: dict[int, Sample]) -> None:
+        """Remember which tape recorded each training sample (uid -> rollout Sample); see `replay_source`."""
+        self._recorded = {}
+        if self.shares_policy and self.cfg.reuse_forward:
+            for uid, smp in by_uid.items():
+                hit = self.engine.tape_row(smp)
+                if hit is not None:
+                    self._recorded[uid] = hit
+
+    def release(self) -> None:
+        """Free the recorded activations (after the update that used them)."""
+        self._recorded = {}
+        if self.engine is not None and hasattr(self.engine, "clear_tapes"):
+            self.engine.clear_tapes()
 
     def sync(self, *, step: int) -> str:
         """Collective: make the engine sample from the updated policy; returns the route taken."""

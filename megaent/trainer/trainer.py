@@ -98,7 +98,14 @@ class Trainer:
         t_roll = time.monotonic() - t0
         mine = partition_groups(samples, self.state.dp)[self.state.dp_rank]
         metrics = dict(roll)
-        metrics.update(self.update(step, mine))
+        # Rollout-forward reuse: forwards of the update on the rollout's weights read the decode's linear outputs.
+        self.policy.replay_source = None if self.policy.activation_checkpointing else \
+            self.rollout.replay_source(mine)
+        try:
+            metrics.update(self.update(step, mine))
+        finally:
+            self.policy.replay_source = None
+            self.rollout.release()
         t_train = time.monotonic() - t0 - t_roll
         route = self.rollout.sync(step=step)
         step_s = time.monotonic() - t0
@@ -122,6 +129,8 @@ class Trainer:
         a, t, G = self.cfg.algorithm, self.cfg.trainer, self.cfg.rollout.n_samples
         seen: dict[str, list] = {"rewards": [], "lengths": [], "texts": [], "timeouts": [0]}
         self._rollout_lps = {}
+        self.rollout.release()
+        by_uid = {}
 
         def sample_more(missing: int, round_: int) -> tuple[list, list[list[float]]]:
             prompts = self.prompts.next_batch()
@@ -153,6 +162,8 @@ class Trainer:
                                                prompt_len=len(s.prompt_ids), advantage=float(adv[gi, j]),
                                                group=gi, uid=uid))
                     self._rollout_lps[uid] = s.logprobs
+                    by_uid[uid] = s
+        self.rollout.note_samples(by_uid)
         r = torch.tensor(seen["rewards"] or [0.0])
         lengths = seen["lengths"]
         metrics = {"reward/mean": float(r.mean()), "reward/std": float(r.std()) if r.numel() > 1 else 0.0,

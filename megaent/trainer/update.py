@@ -43,7 +43,14 @@ def _stage_fn(policy: Any, *, fused_head: bool):
         ids = mb.input_ids if st.is_first_stage else None
         if st.is_last_stage and fused_head:
             return policy.final_hidden(ids, hidden_states=x, **kw)
-        return policy(ids, hidden_states=x, **kw)
+        source = getattr(policy, "replay_source", None)  # rollout-forward reuse (megaent.model.tape)
+        hit = source.indices(mb) if source is not None else None
+        if hit is None:
+            return policy(ids, hidden_states=x, **kw)
+        from megaent.model.tape import replaying
+
+        with replaying(policy, *hit):
+            return policy(ids, hidden_states=x, **kw)
 
     return run
 
