@@ -199,6 +199,8 @@ class TrainerConfig:
     """Passes over each rollout batch."""
     max_tokens_per_micro_batch: int = 4096
     """Token budget of one micro-batch (token-balanced packing)."""
+    share_prompt_prefix: bool = True
+    """Forward each GRPO group's prompt once per micro-batch, its samples attending to it (same gradient)."""
     checkpoint_every: int = 10
     """Steps between checkpoints (0 = only at the end and on signals)."""
     keep_last: int = 2

@@ -74,17 +74,27 @@ class SegmentLayout:
     in the row length. Instead each segment is gathered into its own row of a [n_seg, L_max] batch (right
     padded), attended with plain causal SDPA (a valid query never sees the padding after it), and scattered
     back. gather [n_seg * L_max] indexes flattened [B * S] positions (padding points at position 0, ignored);
-    scatter [B * S] indexes the flattened padded batch. Built once per forward, shared by all layers.
+    scatter [B * S] indexes the flattened padded batch: each position's OWNER slot, in its own segment's row.
+    Built once per forward, shared by all layers.
+
+    Shared prefixes (`prefix_ids`, see `megaent.trainer.batching.MicroBatch`): the row of a segment with a
+    prefix is [the prefix segment's tokens, its own tokens], so causal SDPA over the row lets each own token
+    see the whole prefix and its own past. The copied prefix slots are `dup_slot` [D], reading positions
+    `dup_pos` [D]: their queries are computed and dropped, their keys/values get gradients that are summed
+    into the prefix positions (every sample of the group attends to them).
     """
 
     gather: torch.Tensor
     scatter: torch.Tensor
     n_seg: int
     max_len: int
+    dup_slot: Optional[torch.Tensor] = None
+    dup_pos: Optional[torch.Tensor] = None
 
     @staticmethod
-    def from_segment_ids(segment_ids: torch.Tensor) -> "SegmentLayout":
-        """segment_ids [B, S]: a segment is a run of equal ids within a row."""
+    def from_segment_ids(segment_ids: torch.Tensor, prefix_ids: Optional[torch.Tensor] = None) -> "SegmentLayout":
+        """segment_ids [B, S]: a segment is a run of equal ids within a row. prefix_ids [B, S] (optional): on a
+        segment's tokens, the id of the segment (same row, id unique in the row) it also attends to, or -1."""
         b, s = segment_ids.shape
         flat = segment_ids.reshape(-1)
         pos = torch.arange(b * s, device=flat.device)
@@ -93,31 +103,63 @@ class SegmentLayout:
         seg = torch.cumsum(new.to(torch.long), 0) - 1  # [B*S] segment of each position
         starts = pos[new]  # [n_seg]
         lengths = torch.diff(torch.cat([starts, pos.new_tensor([b * s])]))
-        n_seg, max_len = int(starts.numel()), int(lengths.max())  # one host sync per forward
-        scatter = seg * max_len + (pos - starts[seg])
+        plen = torch.zeros_like(lengths)  # [n_seg] prefix tokens in front of each segment's row
+        src = None
+        if prefix_ids is not None:
+            if prefix_ids.shape != segment_ids.shape:
+                raise ValueError(f"prefix_ids has shape {tuple(prefix_ids.shape)}; expected segment_ids' "
+                                 f"{tuple(segment_ids.shape)}")
+            want = prefix_ids.reshape(-1)[starts]  # [n_seg] prefix id of each segment (-1: none)
+            row, ids = starts // s, flat[starts]
+            hit = (row[:, None] == row[None, :]) & (ids[None, :] == want[:, None])  # [n_seg, n_seg]
+            found = hit.any(1)
+            if bool(((want >= 0) & ~found).any()):
+                bad = want[(want >= 0) & ~found].tolist()
+                raise ValueError(f"prefix_ids name segment ids {bad} that have no segment in the same row; "
+                                 f"prefix ids must be segment_ids values of an earlier segment of that row")
+            src = hit.to(torch.long).argmax(1)  # [n_seg] the prefix segment (first match)
+            plen = torch.where(want >= 0, lengths[src], 0)
+        n_seg, max_len = int(starts.numel()), int((plen + lengths).max())  # one host sync per forward
+        scatter = seg * max_len + plen[seg] + (pos - starts[seg])
         gather = torch.zeros(n_seg * max_len, dtype=torch.long, device=flat.device)
         gather[scatter] = pos
-        return SegmentLayout(gather=gather, scatter=scatter, n_seg=n_seg, max_len=max_len)
+        if src is None or not bool((plen > 0).any()):
+            return SegmentLayout(gather=gather, scatter=scatter, n_seg=n_seg, max_len=max_len)
+        rows = torch.nonzero(plen > 0)[:, 0]  # segments with a prefix
+        cnt = plen[rows]
+        r = torch.repeat_interleave(rows, cnt)  # [D]
+        t = torch.arange(int(cnt.sum()), device=flat.device) - torch.repeat_interleave(torch.cumsum(cnt, 0) - cnt,
+                                                                                       cnt)
+        dup_slot, dup_pos = r * max_len + t, starts[src[r]] + t
+        gather[dup_slot] = dup_pos
+        return SegmentLayout(gather=gather, scatter=scatter, n_seg=n_seg, max_len=max_len, dup_slot=dup_slot,
+                             dup_pos=dup_pos)
 
 
 class _ToSegments(torch.autograd.Function):
     """rows [B*S, ...] -> padded segments [n_seg*L_max, ...] (index_select by `gather`).
 
-    Backward is an index_select by `scatter` (each real position reads its own slot) instead of autograd's
-    index_put_ with accumulate over `gather`, which also adds the padding slots' gradients into position 0.
-    Those are exactly zero here: padding sits at the end of each causal segment row, so padded keys and values
-    are attended only by padded queries, whose outputs `_FromSegments` drops (zero gradient).
+    Backward is an index_select by `scatter` (each real position reads its own OWNER slot) instead of
+    autograd's index_put_ with accumulate over `gather`, which also adds the padding slots' gradients into
+    position 0. Those are exactly zero here: padding sits at the end of each causal segment row, so padded
+    keys and values are attended only by padded queries, whose outputs `_FromSegments` drops (zero gradient).
+    With shared prefixes, the copied prefix slots' gradients (`dup_slot`) are index_add-ed into their
+    positions (`dup_pos`) on top: the prefix keys/values serve every row that copies them.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, gather: torch.Tensor, scatter: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(scatter)
+    def forward(ctx, x: torch.Tensor, gather: torch.Tensor, scatter: torch.Tensor, dup_slot: Optional[torch.Tensor],
+                dup_pos: Optional[torch.Tensor]) -> torch.Tensor:
+        ctx.save_for_backward(scatter, dup_slot, dup_pos)
         return x.index_select(0, gather)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (scatter,) = ctx.saved_tensors
-        return grad.index_select(0, scatter), None, None
+        scatter, dup_slot, dup_pos = ctx.saved_tensors
+        out = grad.index_select(0, scatter)
+        if dup_slot is not None:
+            out = out.index_add_(0, dup_pos, grad.index_select(0, dup_slot))
+        return out, None, None, None, None
 
 
 class _FromSegments(torch.autograd.Function):
@@ -141,14 +183,15 @@ class _FromSegments(torch.autograd.Function):
 
 def _segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SegmentLayout, *, scale: float,
                        gqa: bool) -> torch.Tensor:
-    """q [B, Nl, S, D], k/v [B, KVl, S, D] -> [B, S, Nl, D]: causal attention inside each packed segment."""
+    """q [B, Nl, S, D], k/v [B, KVl, S, D] -> [B, S, Nl, D]: causal attention inside each packed segment (and over
+    all of its shared prefix segment, if the layout has one). No collectives."""
     b, _, s, d = q.shape
 
     def pad(x: torch.Tensor) -> torch.Tensor:  # [B, n, S, D] -> [n_seg, n, L_max, D]
         n = x.shape[1]
         flat = x.transpose(1, 2).reshape(b * s, n, d)
-        return _ToSegments.apply(flat, layout.gather, layout.scatter).view(layout.n_seg, layout.max_len, n,
-                                                                            d).transpose(1, 2)
+        seg = _ToSegments.apply(flat, layout.gather, layout.scatter, layout.dup_slot, layout.dup_pos)
+        return seg.view(layout.n_seg, layout.max_len, n, d).transpose(1, 2)
 
     out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), is_causal=True, scale=scale, enable_gqa=gqa)
     n_q = q.shape[1]
@@ -244,32 +287,38 @@ class DecoderLayer(torch.nn.Module):
 
 
 def build_attention_mask(*, q_len: int, cache_len: int, key_mask: Optional[torch.Tensor],
-                   segment_ids: Optional[torch.Tensor], batch: int, device: torch.device
-                   ) -> Union[None, torch.Tensor, SegmentLayout]:
+                   segment_ids: Optional[torch.Tensor], batch: int, device: torch.device,
+                   prefix_ids: Optional[torch.Tensor] = None) -> Union[None, torch.Tensor, SegmentLayout]:
     """Boolean attention mask [B, 1, S, S_k] (True = attend), None when plain causal attention suffices, or a
     `SegmentLayout` for packed rows without padding or cache (same result, linear instead of quadratic cost).
 
     Query i sits at absolute position cache_len + i and sees key j when j <= cache_len + i,
     key_mask[b, j] is True (key padding; S_k = cache_len + S) and, with segment_ids [B, S], the
-    two tokens share a segment id (packed sequences). Each query may always see its own
-    position, so padded queries get a finite (ignored) output instead of NaN.
+    two tokens share a segment id (packed sequences). With prefix_ids [B, S] (shared prompt
+    prefixes, needs segment_ids) a query also sees every key whose segment id equals its prefix
+    id. Each query may always see its own position, so padded queries get a finite (ignored)
+    output instead of NaN.
     """
+    if prefix_ids is not None and segment_ids is None:
+        raise ValueError("prefix_ids (shared prompt prefixes) need segment_ids: pass both or neither")
     if key_mask is None and segment_ids is None and cache_len == 0:
         return None
     if segment_ids is not None and key_mask is None and cache_len == 0:
-        return SegmentLayout.from_segment_ids(segment_ids)  # packed rows: per-segment attention
+        return SegmentLayout.from_segment_ids(segment_ids, prefix_ids)  # packed rows: per-segment attention
     s_k = cache_len + q_len
     q_pos = torch.arange(cache_len, s_k, device=device)[:, None]
     k_pos = torch.arange(s_k, device=device)[None, :]
     mask = (k_pos <= q_pos)[None].expand(batch, q_len, s_k)  # [B, S, S_k]
+    if segment_ids is not None:
+        if cache_len:
+            raise ValueError("segment_ids (packed sequences) cannot be combined with a non-empty kv_cache")
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        if prefix_ids is not None:  # shared prefix: the whole prefix segment, which precedes the query's segment
+            mask = mask | ((prefix_ids[:, :, None] >= 0) & (segment_ids[:, None, :] == prefix_ids[:, :, None]))
     if key_mask is not None:
         if key_mask.shape != (batch, s_k):
             raise ValueError(f"attention_mask has shape {tuple(key_mask.shape)}; expected [B, S_k] = "
                              f"[{batch}, {s_k}] (S_k counts cached plus new tokens)")
         mask = mask & key_mask.to(torch.bool)[:, None, :]
-    if segment_ids is not None:
-        if cache_len:
-            raise ValueError("segment_ids (packed sequences) cannot be combined with a non-empty kv_cache")
-        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
     mask = mask | (k_pos == q_pos)[None]
     return mask[:, None]

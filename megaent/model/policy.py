@@ -103,31 +103,37 @@ class Policy(torch.nn.Module):
     # ---- forward ---------------------------------------------------------------------------------------------
     def forward(self, input_ids: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None, *,
                 hidden_states: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
-                segment_ids: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+                segment_ids: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None,
+                prefix_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Run this stage.
 
         input_ids [B, S] long (first stage) or hidden_states [B, S, H] (other stages);
         position_ids [B, S] long, default arange offset by the cache length (packed or
         left-padded batches pass their own); attention_mask [B, S_k] bool key padding
         (True = real token, S_k = cached + new tokens); segment_ids [B, S] (packed
-        sequences: attention is causal within equal ids); kv_cache: see `KVCache`.
+        sequences: attention is causal within equal ids); prefix_ids [B, S] (shared
+        prompt prefixes of packed rows: a token also sees all of the segment whose id
+        is its prefix id, -1 = none; `megaent.trainer.batching.MicroBatch`);
+        kv_cache: see `KVCache`.
         Returns hidden states [B, S, H] on a non-last stage, else vocab-sharded logits
         [B, S, Vl] in the model dtype with padded entries = finfo(dtype).min.
         Collectives: 2 all-reduces on tp_group per layer (+1 for the embedding); none on pp_group.
         """
-        h = self._trunk(input_ids, position_ids, hidden_states, attention_mask, segment_ids, kv_cache)
+        h = self._trunk(input_ids, position_ids, hidden_states, attention_mask, segment_ids, kv_cache,
+                        prefix_ids=prefix_ids)
         if not self.state.is_last_stage:
             return h
         return self.compute_logits(self.final_norm(h))
 
     def final_hidden(self, input_ids: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None, *,
                      hidden_states: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
-                     segment_ids: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+                     segment_ids: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None,
+                     prefix_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Last stage: final-normed hidden states [B, S, H] (no head), for fused head + loss ops."""
         if not self.state.is_last_stage:
             raise RuntimeError(f"final_hidden runs on the last pipeline stage; this is stage {self.state.pp_rank}")
         return self.final_norm(self._trunk(input_ids, position_ids, hidden_states, attention_mask, segment_ids,
-                                           kv_cache))
+                                           kv_cache, prefix_ids=prefix_ids))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden [B, S, H] -> vocab-sharded logits [B, S, Vl] (padding masked). No collectives."""
@@ -140,7 +146,8 @@ class Policy(torch.nn.Module):
             logits = logits.masked_fill(self._vocab_pad, torch.finfo(logits.dtype).min)
         return logits
 
-    def _trunk(self, input_ids, position_ids, hidden_states, attention_mask, segment_ids, kv_cache) -> torch.Tensor:
+    def _trunk(self, input_ids, position_ids, hidden_states, attention_mask, segment_ids, kv_cache, *,
+               prefix_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.state.is_first_stage:
             if input_ids is None:
                 raise ValueError("the first pipeline stage needs input_ids [B, S]")
@@ -156,7 +163,7 @@ class Policy(torch.nn.Module):
             position_ids = torch.arange(cache_len, cache_len + s, device=x.device).expand(b, s)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
         mask = build_attention_mask(q_len=s, cache_len=cache_len, key_mask=attention_mask, segment_ids=segment_ids,
-                                    batch=b, device=x.device)
+                                    batch=b, device=x.device, prefix_ids=prefix_ids)
         recompute = self.activation_checkpointing and torch.is_grad_enabled() and kv_cache is None
         with self.compute_context():
             for slot, layer in enumerate(self.layers.values()):

@@ -10,6 +10,15 @@ on the same row, aligned with the position that PREDICTS the token: position
 `i` of a sample carries target `tokens[i + 1]`, and the mask is 1 where that
 target is a response token.
 
+Prefix sharing (default): the G samples of a GRPO group share their prompt, so
+the prompt is forwarded (and back-propagated) once per micro-batch: one prefix
+segment prompt[:p-1], then per sample only tokens[p-1:L-1], which attend to
+the prefix and causally to themselves (`MicroBatch.prefix_ids`,
+`megaent.model.layers.SegmentLayout`). Exactly the same log-probs and
+gradients, (G - 1)(p - 1) + G fewer tokens per group (the last token of a
+sample has no target and no reader). A whole group stays in one micro-batch
+when it fits the budget.
+
 Layout independence: `token_uid = sample.uid * UID_STRIDE + i` names each token
 of the whole rollout batch, whatever micro-batch or rank it lands on, so random
 choices keyed by it (Clip-Cov) do not depend on the split.
@@ -58,12 +67,22 @@ class TrainSample:
 
 @dataclass
 class MicroBatch:
-    """Samples packed into one row; every tensor is [1, S] (S = total tokens, 1 for an empty micro-batch).
+    """Samples packed into one row; every tensor is [1, S] (S = row tokens, 1 for an empty micro-batch).
 
     input_ids/position_ids/segment_ids/targets/token_uid int64; mask, advantages,
     old_logprobs (zeros where unknown) and ref_logprobs fp32 (None when no
-    sample has them). `uids[k]`, `offsets[k]`, `lengths[k]`, `prompt_lens[k]`
-    locate sample k in the row.
+    sample has them). `uids[k]`, `lengths[k]` (its token count L) and
+    `prompt_lens[k]` describe sample k; `offsets[k] + i` is the row index of its
+    position i for every position in its own segment (all of 0..L-1 unshared;
+    prompt_len-1..L-2 shared), so its response values sit at
+    `offsets[k] + prompt_len - 1 ... offsets[k] + L - 2` either way.
+
+    Prefix sharing (`pack(share_prefix=True)`): the samples of one GRPO group
+    with identical prompts keep ONE copy of prompt[:p-1] (a prefix segment,
+    mask 0) followed by one segment per sample, tokens[p-1:L-1] (the last token
+    has no target and no reader, so it is dropped). `prefix_ids` [1, S] int64 is,
+    on a sample segment's tokens, the segment id of the prefix segment it also
+    attends to (all of it), -1 elsewhere; None when nothing is shared.
     """
 
     input_ids: torch.Tensor
@@ -75,6 +94,8 @@ class MicroBatch:
     old_logprobs: torch.Tensor
     token_uid: torch.Tensor
     ref_logprobs: Optional[torch.Tensor] = None
+    prefix_ids: Optional[torch.Tensor] = None
+    """[1, S] int64 segment id of the prefix each sample-segment token attends to, -1 elsewhere (None: no sharing)."""
     logprobs: Optional[torch.Tensor] = None
     """Current-policy log-probs [1, S] fp32, filled by `megaent.trainer.update.compute_logprobs`."""
     entropy: Optional[torch.Tensor] = None
@@ -86,7 +107,8 @@ class MicroBatch:
 
     @property
     def num_tokens(self) -> int:
-        return sum(self.lengths)
+        """Tokens computed for this micro-batch (the row length; 0 when empty)."""
+        return 0 if self.is_empty else int(self.input_ids.shape[-1])
 
     @property
     def is_empty(self) -> bool:
@@ -98,43 +120,97 @@ class MicroBatch:
         return MicroBatch(**moved)
 
 
-def pack(samples: Sequence[TrainSample]) -> MicroBatch:
-    """Pack `samples` into one row (no padding); an empty list gives a 1-token micro-batch with mask 0."""
+def share_units(samples: Sequence[TrainSample]) -> list[list[int]]:
+    """Indices of `samples` grouped into prefix-sharing units, in order of first appearance.
+
+    A unit of >= 2 samples has the same `group`, the same prompt_len p >= 2 and
+    identical prompt tokens (compared, never assumed); every other sample is a
+    unit of its own. No collectives.
+    """
+    units: dict[tuple, list[int]] = {}
+    for i, s in enumerate(samples):
+        p = s.prompt_len
+        key = (s.group, tuple(s.tokens[:p].tolist())) if p >= 2 else ("alone", i)
+        units.setdefault(key, []).append(i)
+    return list(units.values())
+
+
+def unit_tokens(samples: Sequence[TrainSample]) -> int:
+    """Row tokens of one unit: L for a lone sample, (p - 1) + sum of response lengths for a shared group."""
+    if len(samples) == 1:
+        return len(samples[0])
+    return samples[0].prompt_len - 1 + sum(s.response_len for s in samples)
+
+
+def pack(samples: Sequence[TrainSample], *, share_prefix: bool = True) -> MicroBatch:
+    """Pack `samples` into one row (no padding); an empty list gives a 1-token micro-batch with mask 0.
+
+    share_prefix: samples of one `share_units` unit share one prefix segment
+    (see `MicroBatch`); a lone sample keeps the full layout (positions 0..L-1,
+    its last token included). False: every sample is laid out whole, in the
+    given order (the layout without sharing, the reference of the tests).
+    """
     if not samples:
         z = torch.zeros(1, 1, dtype=torch.long)
         f = torch.zeros(1, 1, dtype=torch.float32)
         return MicroBatch(input_ids=z, position_ids=z.clone(), segment_ids=z.clone(), targets=z.clone(), mask=f,
                           advantages=f.clone(), old_logprobs=f.clone(), token_uid=z.clone())
+    for s in samples:
+        if not 1 <= s.prompt_len < len(s):
+            raise ValueError(f"sample uid={s.uid}: prompt_len={s.prompt_len} with {len(s)} tokens; need "
+                             f"1 <= prompt_len < len(tokens)")
     has_ref = any(s.ref_logprobs is not None for s in samples)
+    units = share_units(samples) if share_prefix else [[i] for i in range(len(samples))]
     cols: dict[str, list[torch.Tensor]] = {k: [] for k in ("ids", "pos", "seg", "tgt", "mask", "adv", "old", "ref",
-                                                           "uid")}
-    offsets, off = [], 0
-    for k, s in enumerate(samples):
-        n, p = len(s), s.prompt_len
-        if not 1 <= p < n:
-            raise ValueError(f"sample uid={s.uid}: prompt_len={p} with {n} tokens; need 1 <= prompt_len < len(tokens)")
-        resp = slice(p - 1, n - 1)  # positions whose target is a response token
-        tokens = s.tokens.to(torch.long)
-        tgt = torch.zeros(n, dtype=torch.long)
-        tgt[:-1] = tokens[1:]
-        mask = torch.zeros(n)
-        mask[resp] = 1.0
-        cols["ids"].append(tokens)
-        cols["pos"].append(torch.arange(n))
-        cols["seg"].append(torch.full((n,), k, dtype=torch.long))
-        cols["tgt"].append(tgt)
-        cols["mask"].append(mask)
-        cols["adv"].append(_place(s.advantage, n, resp))
-        cols["old"].append(_place(s.old_logprobs, n, resp))
-        cols["ref"].append(_place(s.ref_logprobs, n, resp))
-        cols["uid"].append(s.uid * UID_STRIDE + torch.arange(n))
-        offsets.append(off)
-        off += n
-    row = {k: torch.cat(v)[None] for k, v in cols.items()}
-    return MicroBatch(input_ids=row["ids"], position_ids=row["pos"], segment_ids=row["seg"], targets=row["tgt"],
-                      mask=row["mask"], advantages=row["adv"], old_logprobs=row["old"], token_uid=row["uid"],
-                      ref_logprobs=row["ref"] if has_ref else None, uids=[s.uid for s in samples], offsets=offsets,
-                      lengths=[len(s) for s in samples], prompt_lens=[s.prompt_len for s in samples])
+                                                           "uid", "pre")}
+    uids, offsets, lengths, prompt_lens = [], [], [], []
+    row, seg = 0, 0
+
+    def emit(full: dict[str, torch.Tensor], a: int, b: int, prefix: int) -> None:
+        nonlocal row, seg
+        for k, v in full.items():
+            cols[k].append(v[a:b])
+        cols["seg"].append(torch.full((b - a,), seg, dtype=torch.long))
+        cols["pre"].append(torch.full((b - a,), prefix, dtype=torch.long))
+        row, seg = row + b - a, seg + 1
+
+    for unit in units:
+        shared = len(unit) > 1
+        p = samples[unit[0]].prompt_len
+        prefix = -1
+        if shared:  # prompt[:p-1] once, token uids of the unit's first sample
+            prefix = seg
+            head = _columns(samples[unit[0]])
+            head["tgt"] = torch.zeros_like(head["tgt"])  # no targets on the prefix (mask 0 there anyway)
+            emit(head, 0, p - 1, -1)
+        for i in unit:
+            s = samples[i]
+            a, b = (p - 1, len(s) - 1) if shared else (0, len(s))
+            uids.append(s.uid)
+            offsets.append(row - a)
+            lengths.append(len(s))
+            prompt_lens.append(s.prompt_len)
+            emit(_columns(s), a, b, prefix)
+    r = {k: torch.cat(v)[None] for k, v in cols.items()}
+    return MicroBatch(input_ids=r["ids"], position_ids=r["pos"], segment_ids=r["seg"], targets=r["tgt"],
+                      mask=r["mask"], advantages=r["adv"], old_logprobs=r["old"], token_uid=r["uid"],
+                      ref_logprobs=r["ref"] if has_ref else None,
+                      prefix_ids=r["pre"] if bool((r["pre"] >= 0).any()) else None, uids=uids, offsets=offsets,
+                      lengths=lengths, prompt_lens=prompt_lens)
+
+
+def _columns(s: TrainSample) -> dict[str, torch.Tensor]:
+    """Per-position columns [L] of one whole sample: position i predicts tokens[i + 1]."""
+    n, p = len(s), s.prompt_len
+    resp = slice(p - 1, n - 1)  # positions whose target is a response token
+    tokens = s.tokens.to(torch.long)
+    tgt = torch.zeros(n, dtype=torch.long)
+    tgt[:-1] = tokens[1:]
+    mask = torch.zeros(n)
+    mask[resp] = 1.0
+    return {"ids": tokens, "pos": torch.arange(n), "tgt": tgt, "mask": mask, "adv": _place(s.advantage, n, resp),
+            "old": _place(s.old_logprobs, n, resp), "ref": _place(s.ref_logprobs, n, resp),
+            "uid": s.uid * UID_STRIDE + torch.arange(n)}
 
 
 def _place(values: Union[None, float, torch.Tensor], n: int, resp: slice) -> torch.Tensor:
@@ -190,16 +266,33 @@ def split_token_balanced(lengths: Sequence[int], *, max_tokens: int) -> list[lis
     return [sorted(b) for b in bins if b]
 
 
-def make_micro_batches(samples: Sequence[TrainSample], *, max_tokens: int, dp_group: Optional[dist.ProcessGroup] = None
-                       ) -> list[MicroBatch]:
+def make_micro_batches(samples: Sequence[TrainSample], *, max_tokens: int, dp_group: Optional[dist.ProcessGroup] = None,
+                       share_prefix: bool = True) -> list[MicroBatch]:
     """Token-balanced packed micro-batches; with `dp_group`, padded with empty ones to the DP-wide maximum count.
 
+    share_prefix: each `share_units` unit (a GRPO group with one prompt) is
+    packed with its prompt once (`pack`) and kept in one micro-batch when its
+    row tokens (`unit_tokens`) fit `max_tokens`; a larger group is split into
+    balanced pieces, each with its own copy of the prefix. False: samples are
+    balanced one by one (the layout without sharing).
     Equal counts keep per-micro-batch collectives of the loss lined up across
     DP ranks. 1 all-reduce (MAX) on dp_group when given.
     """
-    bins = split_token_balanced([len(s) for s in samples], max_tokens=max_tokens)
-    mbs = [pack([samples[i] for i in b]) for b in bins]
+    units = share_units(samples) if share_prefix else [[i] for i in range(len(samples))]
+    pieces = [piece for unit in units for piece in _split_unit(samples, unit, max_tokens=max_tokens)]
+    costs = [unit_tokens([samples[i] for i in piece]) for piece in pieces]
+    bins = split_token_balanced(costs, max_tokens=max_tokens)
+    mbs = [pack([samples[i] for j in b for i in pieces[j]], share_prefix=share_prefix) for b in bins]
     return equalize_micro_batches(mbs, dp_group=dp_group)
+
+
+def _split_unit(samples: Sequence[TrainSample], unit: list[int], *, max_tokens: int) -> list[list[int]]:
+    """A unit over the budget -> balanced pieces whose row tokens fit (each repeats the p - 1 prefix tokens)."""
+    if len(unit) == 1 or unit_tokens([samples[i] for i in unit]) <= max_tokens:
+        return [unit]
+    room = max(1, max_tokens - samples[unit[0]].prompt_len)  # so a one-sample piece (L tokens, unshared) fits too
+    bins = split_token_balanced([samples[i].response_len for i in unit], max_tokens=room)
+    return [[unit[j] for j in b] for b in bins]
 
 
 def equalize_micro_batches(mbs: list[MicroBatch], *, dp_group: Optional[dist.ProcessGroup]) -> list[MicroBatch]:

@@ -191,7 +191,8 @@ class Trainer:
 
         cfg, st, t = self.cfg, self.state, self.cfg.trainer
         temp = cfg.rollout.temperature
-        mbs = make_micro_batches(mine, max_tokens=t.max_tokens_per_micro_batch, dp_group=st.dp_group)
+        mbs = make_micro_batches(mine, max_tokens=t.max_tokens_per_micro_batch, dp_group=st.dp_group,
+                                 share_prefix=t.share_prompt_prefix)
         n_mini = t.prompts_per_step // t.mini_batch_size
         update_stats: list[dict[str, float]] = []
         # One PPO update per rollout: the training forward's detached log-probs are the old ones (no extra pass).
@@ -209,7 +210,8 @@ class Trainer:
         for epoch in range(0 if on_policy else t.ppo_epochs):
             for k in range(n_mini):
                 chunk = self._mini_batch(mine, k, n_mini)
-                mb = make_micro_batches(chunk, max_tokens=t.max_tokens_per_micro_batch, dp_group=st.dp_group)
+                mb = make_micro_batches(chunk, max_tokens=t.max_tokens_per_micro_batch, dp_group=st.dp_group,
+                                        share_prefix=t.share_prompt_prefix)
                 gen = torch.Generator().manual_seed(components.derive_seed(t.seed, step, epoch, k))
                 update_stats.append(train_mini_batch(self.policy, self.optimizer, mb, loss_cfg=cfg.algorithm,
                                                      state=st, generator=gen, temperature=temp))

@@ -39,7 +39,7 @@ def _stage_fn(policy: Any, *, fused_head: bool):
     st = policy.state
 
     def run(mb: MicroBatch, x: Optional[torch.Tensor]) -> torch.Tensor:
-        kw = dict(position_ids=mb.position_ids, segment_ids=mb.segment_ids)
+        kw = dict(position_ids=mb.position_ids, segment_ids=mb.segment_ids, prefix_ids=mb.prefix_ids)
         ids = mb.input_ids if st.is_first_stage else None
         if st.is_last_stage and fused_head:
             return policy.final_hidden(ids, hidden_states=x, **kw)
