@@ -73,8 +73,8 @@ def test_runner_matches_training_forward(policy, prepack):
     # Equal-length prompts: no mask at all gives the masked result.
     same = [[5, 17, 33], [40, 41, 42]]
     _, _, a = _decode(runner, policy, same, 3, masked=True)
-    _, _, b = _decode(runner, policy, same, 3, masked=False)
-    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    _, _, b = _decode(runner, policy, same, 3, masked=False)  # (unmasked decode steps: the matmul attention)
+    torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
 
 
 def test_runner_follows_in_place_weight_updates(policy):

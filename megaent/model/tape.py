@@ -99,10 +99,25 @@ class ActivationTape:
                 buf[dst] = buf.index_select(0, src)
         self.logits[dst - self.base] = logits.index_select(0, expand)
 
-    def step_rows(self, out_rows: torch.Tensor, j: int) -> torch.Tensor:
-        """Buffer rows of decode slot j for the given decode rows [b] (marks them fed)."""
+    def step_writer(self, out_rows: torch.Tensor, j: int, *, all_rows: bool):
+        """record(slot, name, y) for decode slot j of decode rows out_rows [b] (marks them fed); y [b, 1, N] of a
+        linear or [b, Vl] of the head (slot -1). `all_rows`: out_rows is arange(B) (no row compacted away yet),
+        written as one strided copy instead of an index_copy_."""
         self.fed[out_rows] = j + 1
-        return self.base + out_rows * self.m + j
+        at = out_rows * self.m + j
+
+        def record(slot: int, name: str, y: torch.Tensor) -> None:
+            y = y.reshape(y.shape[0], -1)
+            if slot < 0:
+                buf, off = self.logits, 0
+            else:
+                buf, off = self.act[slot][name], self.base
+            if all_rows:
+                buf[off:off + self.b * self.m].view(self.b, self.m, -1)[:, j].copy_(y)
+            else:
+                buf.index_copy_(0, at + off, y)
+
+        return record
 
     # ---- replay (trainer) --------------------------------------------------------------------------------------
     def token_rows(self, rows: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

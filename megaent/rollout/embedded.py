@@ -273,9 +273,7 @@ class EmbeddedEngine:
                 cache.select_(idx)
             rows.mask[:, p_len + t] = True
             if tape is not None:
-                at = tape.step_rows(rows.out_row, t + 1)
-                rec = (lambda slot, name, y, at=at: tape.logits.index_copy_(0, at - tape.base, y) if slot < 0 else
-                       tape.act[slot][name].index_copy_(0, at, y[:, 0]))
+                rec = tape.step_writer(rows.out_row, t + 1, all_rows=rows.out_row.numel() == b0)
             logits = self._last_logits(tok.unsqueeze(-1), rows.next_pos.unsqueeze(-1),
                                        rows.mask[:, :p_len + t + 1] if padded else None, cache, record=rec)
             rows.next_pos += 1
