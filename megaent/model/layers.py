@@ -79,9 +79,10 @@ class SegmentLayout:
 
     Shared prefixes (`prefix_ids`, see `megaent.trainer.batching.MicroBatch`): the row of a segment with a
     prefix is [the prefix segment's tokens, its own tokens], so causal SDPA over the row lets each own token
-    see the whole prefix and its own past. The copied prefix slots are `dup_slot` [D], reading positions
-    `dup_pos` [D]: their queries are computed and dropped, their keys/values get gradients that are summed
-    into the prefix positions (every sample of the group attends to them).
+    see the whole prefix and its own past. The prefix segment has no row of its own: the copy in its first
+    reader's row owns it. The other copies are `dup_slot` [D], reading positions `dup_pos` [D]: their queries
+    are computed and dropped, their keys/values get gradients that are summed into the prefix positions
+    (every sample of the group attends to them). n_seg counts padded rows.
     """
 
     gather: torch.Tensor
@@ -119,21 +120,37 @@ class SegmentLayout:
                                  f"prefix ids must be segment_ids values of an earlier segment of that row")
             src = hit.to(torch.long).argmax(1)  # [n_seg] the prefix segment (first match)
             plen = torch.where(want >= 0, lengths[src], 0)
-        n_seg, max_len = int(starts.numel()), int((plen + lengths).max())  # one host sync per forward
-        scatter = seg * max_len + plen[seg] + (pos - starts[seg])
-        gather = torch.zeros(n_seg * max_len, dtype=torch.long, device=flat.device)
-        gather[scatter] = pos
         if src is None or not bool((plen > 0).any()):
+            n_seg, max_len = int(starts.numel()), int(lengths.max())  # one host sync per forward
+            scatter = seg * max_len + (pos - starts[seg])
+            gather = torch.zeros(n_seg * max_len, dtype=torch.long, device=flat.device)
+            gather[scatter] = pos
             return SegmentLayout(gather=gather, scatter=scatter, n_seg=n_seg, max_len=max_len)
-        rows = torch.nonzero(plen > 0)[:, 0]  # segments with a prefix
-        cnt = plen[rows]
-        r = torch.repeat_interleave(rows, cnt)  # [D]
+        # A prefix segment gets no row of its own: its tokens are owned by their copy in its first reader's row
+        # (causal over the prefix there, exactly its own attention), so no row is spent on a short prefix.
+        readers = torch.nonzero(plen > 0)[:, 0]  # segments with a prefix, ascending
+        is_prefix = torch.zeros_like(plen, dtype=torch.bool)
+        is_prefix[src[readers]] = True
+        if bool((is_prefix & (plen > 0)).any()):
+            raise ValueError("a prefix segment has a prefix of its own (chained prefix_ids); only one level of "
+                             "shared prefix is supported")
+        first = torch.full_like(plen, plen.numel())
+        first.scatter_reduce_(0, src[readers], readers, reduce="amin")  # [n_seg] first reader of each prefix
+        own_row = torch.cumsum((~is_prefix).to(torch.long), 0) - 1  # [n_seg] padded row of each non-prefix segment
+        n_seg, max_len = int((~is_prefix).sum()), int((plen + lengths).max())  # one host sync per forward
+        scatter = own_row[seg] * max_len + plen[seg] + (pos - starts[seg])
+        cnt = plen[readers]
+        r = torch.repeat_interleave(readers, cnt)  # [D + prefix tokens] reader segment of each copied slot
         t = torch.arange(int(cnt.sum()), device=flat.device) - torch.repeat_interleave(torch.cumsum(cnt, 0) - cnt,
                                                                                        cnt)
-        dup_slot, dup_pos = r * max_len + t, starts[src[r]] + t
-        gather[dup_slot] = dup_pos
-        return SegmentLayout(gather=gather, scatter=scatter, n_seg=n_seg, max_len=max_len, dup_slot=dup_slot,
-                             dup_pos=dup_pos)
+        slot, at = own_row[r] * max_len + t, starts[src[r]] + t
+        owner = first[src[r]] == r
+        scatter[at[owner]] = slot[owner]
+        gather = torch.zeros(n_seg * max_len, dtype=torch.long, device=flat.device)
+        gather[slot] = at
+        gather[scatter] = pos
+        return SegmentLayout(gather=gather, scatter=scatter, n_seg=n_seg, max_len=max_len, dup_slot=slot[~owner],
+                             dup_pos=at[~owner])
 
 
 class _ToSegments(torch.autograd.Function):
