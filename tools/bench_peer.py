@@ -105,6 +105,8 @@ def megaent_overrides(hf_dir: Path, run_dir: Path, steps: int, threads: int) -> 
             f"trainer.threads={threads}", f"trainer.prompts_per_step={PROMPTS}", f"trainer.mini_batch_size={PROMPTS}",
             "trainer.ppo_epochs=1", "trainer.dynamics_every=0", "trainer.checkpoint_every=0",
             "trainer.samples_to_log=0", "trainer.quiet=true",
+            # TRL forwards the step's 64 sequences as one batch (per_device_train_batch_size=64); so does megaent.
+            f"trainer.max_tokens_per_micro_batch={PROMPTS * G * (PROMPT_LEN + NEW_TOKENS)}",
             f"rollout.n_samples={G}", f"rollout.max_new_tokens={NEW_TOKENS}", "rollout.temperature=1.0",
             "rollout.ignore_eos=true", "algorithm.policy_loss=ppo", "algorithm.loss_agg=token_mean",
             "algorithm.advantage=grpo", "algorithm.norm_adv_by_std=true", "algorithm.group_filter=false",
