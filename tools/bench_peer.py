@@ -17,7 +17,7 @@ first `--warmup` steps are excluded and the median of the rest is reported, spli
 `_generate` call, timed by a wrapper; megaent: `time/rollout_s`) and update (step - generation).
 Prints `name ours ref ratio` (ratio = TRL / megaent, > 1 means megaent is faster), then one JSON line.
 
-Usage: python tools/bench_peer.py [--steps 6] [--warmup 1] [--threads 2] [--rounds 1] [--side both|megaent|trl]
+Usage: python tools/bench_peer.py [--steps 6] [--warmup 1] [--threads 2] [--rounds 2] [--side both|megaent|trl]
 """
 from __future__ import annotations
 
@@ -231,7 +231,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--side", choices=["both", "megaent", "trl"], default="both")
-    ap.add_argument("--rounds", type=int, default=1,
+    ap.add_argument("--rounds", type=int, default=2,
                     help="alternate the sides this many times (megaent, TRL, megaent, ...), each a fresh process "
                          "whose first --warmup steps are dropped; medians pool all rounds. Use 2-3 on a shared "
                          "machine so a load change hits both sides")
