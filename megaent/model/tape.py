@@ -51,26 +51,27 @@ def _linears(policy: Any) -> list[dict[str, torch.nn.Module]]:
 
 
 class ActivationTape:
-    """Recorded linear outputs of one decode batch (see the module docstring for the layout)."""
+    """Recorded linear outputs of one decode batch (see the module docstring for the layout).
+
+    Recording keeps references to the runner's output tensors (no copy per decode step: ~1000 small copies
+    per rollout on the bench); `act` / `logits` assemble the buffers once, on first use by a replay, with one
+    stack per linear, and drop the references.
+    """
 
     def __init__(self, policy: Any, *, n_prompts: int, prompt_pad_len: int, n_rows: int, max_new: int,
                  stamp: tuple) -> None:
         self.u, self.p, self.b, self.m = n_prompts, prompt_pad_len, n_rows, max_new
         self.base = n_prompts * prompt_pad_len
         self.stamp = stamp
-        n = self.base + n_rows * max_new + 1
-        dt, dev = policy.dtype, policy.state.device
-        self.act: list[dict[str, torch.Tensor]] = []
-        for lin in _linears(policy):
-            bufs = {}
-            for name, mod in lin.items():
-                # [out, in] weights: a column shard's output is its rows, a row-parallel output is full.
-                bufs[name] = torch.empty(n, mod.weight.shape[0], dtype=dt, device=dev)
-                bufs[name][-1].zero_()
-            self.act.append(bufs)
-        vl = policy.padded_vocab_size // policy.state.tp
-        self.logits = torch.empty(n_rows * max_new + 1, vl, dtype=dt, device=dev)
-        self.logits[-1].zero_()
+        self._dtype, self._device = policy.dtype, policy.state.device
+        self._widths = [{name: mod.weight.shape[0] for name, mod in lin.items()} for lin in _linears(policy)]
+        self._vl = policy.padded_vocab_size // policy.state.tp
+        # [out, in] weights: a column shard's output is its rows, a row-parallel output is full.
+        self._prefill: dict[tuple[int, str], torch.Tensor] = {}  # (slot, name) -> [U, P, N]
+        self._prefill_logits: Optional[torch.Tensor] = None  # [U, Vl]
+        self._steps: list[tuple[Optional[torch.Tensor], dict[tuple[int, str], torch.Tensor]]] = []  # slot j >= 1
+        self._act: Optional[list[dict[str, torch.Tensor]]] = None
+        self._logits: Optional[torch.Tensor] = None
         self.expand: Optional[torch.Tensor] = None  # [B] prompt row of each decode row
         self.prompt_lens: Optional[torch.Tensor] = None  # [B]
         self.fed: Optional[torch.Tensor] = None  # [B] decode slots j < fed[k] hold data
@@ -85,39 +86,77 @@ class ActivationTape:
 
     # ---- recording (DecodeRunner / EmbeddedEngine) -------------------------------------------------------------
     def write_prefill(self, slot: int, name: str, y: torch.Tensor) -> None:
-        """y [U, P, N]: the prefill's output of linear `name` of local layer `slot`."""
-        self.act[slot][name][:self.base] = y.reshape(self.base, -1)
+        """y [U, P, N]: the prefill's output of linear `name` of local layer `slot` (kept by reference)."""
+        self._prefill[(slot, name)] = y
 
     def finish_prefill(self, expand: torch.Tensor, prompt_lens: torch.Tensor, logits: torch.Tensor) -> None:
-        """Copy each row's last prompt position (decode slot 0) from its prompt's prefill; logits [U, Vl]."""
+        """Rows' prompts (expand [B] -> prefill row), prompt lengths [B], the prefill's last logits [U, Vl]."""
         self.expand, self.prompt_lens = expand, prompt_lens
         self.fed = torch.ones(self.b, dtype=torch.long, device=expand.device)
-        src = expand * self.p + (self.p - 1)
-        dst = self.base + torch.arange(self.b, device=expand.device) * self.m
-        for bufs in self.act:
-            for buf in bufs.values():
-                buf[dst] = buf.index_select(0, src)
-        self.logits[dst - self.base] = logits.index_select(0, expand)
+        self._prefill_logits = logits
 
     def step_writer(self, out_rows: torch.Tensor, j: int, *, all_rows: bool):
-        """record(slot, name, y) for decode slot j of decode rows out_rows [b] (marks them fed); y [b, 1, N] of a
-        linear or [b, Vl] of the head (slot -1). `all_rows`: out_rows is arange(B) (no row compacted away yet),
-        written as one strided copy instead of an index_copy_."""
+        """record(slot, name, y) for decode slot j (j = 1, 2, ... in order) of decode rows out_rows [b] (marks them
+        fed); y [b, 1, N] of a linear or [b, Vl] of the head (slot -1), kept by reference. `all_rows`: out_rows
+        is arange(B) (no row compacted away yet)."""
+        assert j == len(self._steps) + 1, "decode slots are recorded in order"
         self.fed[out_rows] = j + 1
-        at = out_rows * self.m + j
+        outs: dict[tuple[int, str], torch.Tensor] = {}
+        self._steps.append((None if all_rows else out_rows, outs))
 
         def record(slot: int, name: str, y: torch.Tensor) -> None:
-            y = y.reshape(y.shape[0], -1)
-            if slot < 0:
-                buf, off = self.logits, 0
-            else:
-                buf, off = self.act[slot][name], self.base
-            if all_rows:
-                buf[off:off + self.b * self.m].view(self.b, self.m, -1)[:, j].copy_(y)
-            else:
-                buf.index_copy_(0, at + off, y)
+            outs[(slot, name)] = y.reshape(y.shape[0], -1)
 
         return record
+
+    # ---- assembly ----------------------------------------------------------------------------------------------
+    def _assemble(self, prefill_last: torch.Tensor, key: tuple[int, str], width: int, head: Optional[torch.Tensor]
+                  ) -> torch.Tensor:
+        """[B*m + 1, N] decode part (plus the prefill rows in front when `head` is given) of one buffer."""
+        n_pre = 0 if head is None else self.base
+        buf = torch.empty(n_pre + self.b * self.m + 1, width, dtype=self._dtype, device=self._device)
+        if head is not None:
+            buf[:n_pre] = head.reshape(n_pre, width)
+        buf[-1].zero_()
+        cols = [prefill_last.index_select(0, self.expand)]
+        for rows, outs in self._steps:
+            y = outs[key]
+            if rows is not None:  # some rows were compacted away: place the live ones, zeros elsewhere
+                y = y.new_zeros(self.b, width).index_copy_(0, rows, y)
+            cols.append(y)
+        dec = buf[n_pre:n_pre + self.b * self.m].view(self.b, self.m, width)
+        if len(cols) == self.m:
+            torch.stack(cols, dim=1, out=dec)  # one copy of every decode slot
+        else:  # the decode ended before max_new tokens for every row: the slots after it stay zero
+            dec[:, len(cols):].zero_()
+            dec[:, :len(cols)].copy_(torch.stack(cols, dim=1))
+        return buf
+
+    def _materialize(self) -> None:
+        if self._act is not None:
+            return
+        act = []
+        for slot, widths in enumerate(self._widths):
+            bufs = {}
+            for name, width in widths.items():
+                pre = self._prefill[(slot, name)]
+                bufs[name] = self._assemble(pre[:, -1].reshape(self.u, width), (slot, name), width, pre)
+            act.append(bufs)
+        self._logits = self._assemble(self._prefill_logits, (-1, "head"), self._vl, None)
+        self._act = act
+        self._prefill, self._steps, self._prefill_logits = {}, [], None  # the buffers hold everything now
+
+    @property
+    def act(self) -> list[dict[str, torch.Tensor]]:
+        """Per local layer: {linear name: [U*P + B*m + 1, N]} (assembled on first use)."""
+        self._materialize()
+        return self._act
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """[B*m + 1, Vl] head outputs (assembled on first use)."""
+        self._materialize()
+        return self._logits
 
     # ---- replay (trainer) --------------------------------------------------------------------------------------
     def token_rows(self, rows: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,7 +207,7 @@ class ReplaySource:
                             lut[u] = self.rows[u][1]
                     rows = lut[uid]
                     if bool((rows >= 0).all()):
-                        dev = tape.logits.device
+                        dev = tape._device
                         act, logit = tape.token_rows(rows.to(dev), pos.to(dev))
                         out = (tape, act, logit)
             self._cache[key] = (mb, out)  # keeps mb alive so its id is not reused within the step
