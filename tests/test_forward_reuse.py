@@ -18,24 +18,10 @@ Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_forward_reuse.py
 import torch
 
 from dist import run_ranks
+from harness import KeepGrads
 from hf_tiny import make_tiny_hf
 
 VOCAB = 300
-
-
-class _KeepGrads:
-    """Optimizer stand-in: `step()` keeps a copy of every gradient and changes nothing."""
-
-    def __init__(self, policy) -> None:
-        self.policy, self.grads = policy, None
-
-    def zero_grad(self) -> None:
-        for p in self.policy.parameters():
-            p.grad = None
-
-    def step(self) -> dict[str, float]:
-        self.grads = [p.grad.detach().clone() for p in self.policy.parameters()]
-        return {"grad_norm": 0.0, "lr": 0.0}
 
 
 def _rollout_and_grads(rank, world, hf_dir, tp, max_new=8):
@@ -72,7 +58,7 @@ def _rollout_and_grads(rank, world, hf_dir, tp, max_new=8):
         mbs = make_micro_batches(samples, max_tokens=40, dp_group=st.dp_group)
         policy.replay_source = source
         hits = [source.indices(mb) is not None for mb in mbs] if source is not None else []
-        opt = _KeepGrads(policy)
+        opt = KeepGrads(policy)
         train_mini_batch(policy, opt, mbs, loss_cfg=cfg, state=st, old_from_current=True)
         policy.replay_source = None
         lps = {}

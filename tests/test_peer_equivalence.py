@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from dist import run_ranks
+from harness import KeepGrads
 
 G, N_GROUPS, VOCAB = 4, 2, 1001
 
@@ -58,21 +59,6 @@ def reference_grads(hf_dir: str, batch: list[dict]) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
-class _KeepGrads:
-    """Optimizer stand-in for `train_mini_batch`: `step()` keeps a copy of every gradient, changes nothing."""
-
-    def __init__(self, policy) -> None:
-        self.policy, self.grads = policy, None
-
-    def zero_grad(self) -> None:
-        for p in self.policy.parameters():
-            p.grad = None
-
-    def step(self) -> dict[str, float]:
-        self.grads = [p.grad.detach().clone() for p in self.policy.parameters()]
-        return {"grad_norm": 0.0, "lr": 0.0}
-
-
 def _megaent(rank, world, hf_dir, batch, out_dir):
     from safetensors.torch import load_file
 
@@ -90,7 +76,7 @@ def _megaent(rank, world, hf_dir, batch, out_dir):
         samples = [TrainSample(tokens=d["tokens"], prompt_len=d["prompt_len"], advantage=d["advantage"],
                                group=d["group"], uid=d["uid"]) for d in batch]
         mbs = make_micro_batches(samples, max_tokens=40, dp_group=st.dp_group)
-        opt = _KeepGrads(policy)
+        opt = KeepGrads(policy)
         if path == "explicit_old":
             compute_logprobs(policy, mbs, state=st, fill_old=True, samples=samples)
         train_mini_batch(policy, opt, mbs, loss_cfg=cfg, state=st, old_from_current=path == "on_policy")

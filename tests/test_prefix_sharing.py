@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from dist import run_ranks
+from harness import KeepGrads, attention_with_grads
 from megaent.model.layers import SegmentLayout, _segment_attention, build_attention_mask
 from megaent.trainer.batching import UID_STRIDE, TrainSample, make_micro_batches, pack, share_units, unpack_response
 
@@ -133,41 +134,19 @@ def test_segment_layout_with_prefix_matches_dense_mask(nq, nkv):
     b, d = 2, 8
     q0, k0, v0 = (torch.randn(b, n, s, d, generator=g, dtype=torch.float64) for n in (nq, nkv, nkv))
     w = torch.randn(b, s, nq, d, generator=g, dtype=torch.float64)
-
-    def run(fn):
-        q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
-        out = fn(q, k, v)
-        (out * w).sum().backward()
-        return out.detach(), q.grad, k.grad, v.grad
-
     layout = build_attention_mask(q_len=s, cache_len=0, key_mask=None, segment_ids=seg, batch=b, device=seg.device,
                                   prefix_ids=pre)
     assert isinstance(layout, SegmentLayout) and layout.dup_slot is not None
     dense = build_attention_mask(q_len=s, cache_len=0, key_mask=torch.ones(b, s, dtype=torch.bool),
                                  segment_ids=seg, batch=b, device=seg.device, prefix_ids=pre)
     assert dense.shape == (b, 1, s, s)
-    got = run(lambda q, k, v: _segment_attention(q, k, v, layout, scale=1 / math.sqrt(d), gqa=nq != nkv))
-    ref = run(lambda q, k, v: _dense_attention(q, k, v, dense, nq != nkv))
+    got = attention_with_grads(lambda q, k, v: _segment_attention(q, k, v, layout, scale=1 / math.sqrt(d),
+                                                                  gqa=nq != nkv), q0, k0, v0, w)
+    ref = attention_with_grads(lambda q, k, v: _dense_attention(q, k, v, dense, nq != nkv), q0, k0, v0, w)
     for name, a, r in zip(("out", "dq", "dk", "dv"), got, ref):
         torch.testing.assert_close(a, r, rtol=0, atol=1e-10, msg=name)
     with pytest.raises(ValueError, match="prefix_ids"):
         SegmentLayout.from_segment_ids(seg, torch.where(pre >= 0, 77, -1))
-
-
-class _KeepGrads:
-    """Optimizer stand-in for `train_mini_batch`: `step()` keeps a copy of every gradient, changes nothing."""
-
-    def __init__(self, policy) -> None:
-        self.policy, self.grads = policy, None
-
-    def zero_grad(self) -> None:
-        for p in self.policy.parameters():
-            p.grad = None
-
-    def step(self) -> dict[str, float]:
-        self.grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
-                      for p in self.policy.parameters()]
-        return {"grad_norm": 0.0}
 
 
 def _updates(policy, st, samples, *, share: bool, max_tokens: int) -> dict:
@@ -179,7 +158,7 @@ def _updates(policy, st, samples, *, share: bool, max_tokens: int) -> dict:
     mbs = make_micro_batches(samples, max_tokens=max_tokens, dp_group=st.dp_group, share_prefix=share)
     out["tokens"] = sum(mb.num_tokens for mb in mbs)
     out["lp"] = {u: v[0].clone() for u, v in compute_logprobs(policy, mbs, state=st).items()}
-    opt = _KeepGrads(policy)
+    opt = KeepGrads(policy, missing_as_zero=True)
     cfg = LossConfig(policy_loss="kl_cov", kl_cov_ratio=0.05)
     stats = train_mini_batch(policy, opt, mbs, loss_cfg=cfg, state=st, generator=torch.Generator().manual_seed(1))
     out["kl_cov"] = (stats["actor/loss"], opt.grads)

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from harness import attention_with_grads
 from megaent.model.layers import SegmentLayout, _segment_attention
 
 
@@ -41,15 +42,9 @@ def test_segment_attention_and_its_gradients_match_per_segment_sdpa(nq, nkv):
     segment_ids = torch.tensor([[0] * 5 + [1] * 1 + [2] * 7, [3] * 9 + [4] * 4])
     q0, k0, v0 = (torch.randn(b, n, s, d, generator=g, dtype=torch.float64) for n in (nq, nkv, nkv))
     w = torch.randn(b, s, nq, d, generator=g, dtype=torch.float64)
-
-    def run(fn):
-        q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
-        out = fn(q, k, v)
-        (out * w).sum().backward()
-        return out.detach(), q.grad, k.grad, v.grad
-
     layout = SegmentLayout.from_segment_ids(segment_ids)
-    got = run(lambda q, k, v: _segment_attention(q, k, v, layout, scale=1 / math.sqrt(d), gqa=nq != nkv))
-    ref = run(lambda q, k, v: _reference(q, k, v, segment_ids, nq != nkv))
+    got = attention_with_grads(lambda q, k, v: _segment_attention(q, k, v, layout, scale=1 / math.sqrt(d),
+                                                                  gqa=nq != nkv), q0, k0, v0, w)
+    ref = attention_with_grads(lambda q, k, v: _reference(q, k, v, segment_ids, nq != nkv), q0, k0, v0, w)
     for name, a, r in zip(("out", "dq", "dk", "dv"), got, ref):
         torch.testing.assert_close(a, r, rtol=0, atol=1e-12, msg=name)

@@ -36,7 +36,6 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-LINEARS = ("qkv", "proj", "gate_up", "down")
 _COLUMN = {"qkv": True, "proj": False, "gate_up": True, "down": False}
 
 
