@@ -18,8 +18,10 @@ so all ranks draw the same tokens without a broadcast.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -33,6 +35,7 @@ from megaent.rollout.sampling import counter_uniform, row_keys, sample_next
 from megaent.rollout.types import RolloutError, Sample, SamplingParams
 
 log = logging.getLogger(__name__)
+_ENGINE_IDS = itertools.count()
 
 
 def gather_vocab(logits: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
@@ -103,7 +106,7 @@ class EmbeddedEngine:
         self.record_tapes, self.tape_max_bytes = record_tapes, tape_max_bytes
         self._tapes: dict[int, Any] = {}  # serial -> ActivationTape of a decode batch (until clear_tapes)
         self._tape_serial = 0
-        self._tape_tag = f"{id(self)}-{torch.randint(0, 2**62, (1,)).item()}"  # this engine's tapes only
+        self._tape_tag = f"{os.getpid()}-{next(_ENGINE_IDS)}"  # this engine's tapes only (no global RNG draw)
 
     @classmethod
     def from_hf(cls, hf_dir: str | Path, state: Any, *, dtype: torch.dtype = torch.float32, **kw: Any

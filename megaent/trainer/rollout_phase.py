@@ -98,7 +98,7 @@ class RolloutPhase:
 
     def replay_source(self, samples: Sequence[Any]) -> Any:
         """`megaent.model.tape.ReplaySource` over the tapes that recorded these TrainSamples' rollouts (matched
-        by uid through `samples_by_uid`), or None when the engine does not share the policy or kept nothing."""
+        by uid through `note_samples`), or None when the engine does not share the policy or kept nothing."""
         if not (self.shares_policy and self.cfg.reuse_forward) or not self._recorded:
             return None
         from megaent.model.tape import ReplaySource
@@ -118,7 +118,7 @@ class RolloutPhase:
     def release(self) -> None:
         """Free the recorded activations (after the update that used them)."""
         self._recorded = {}
-        if self.engine is not None and hasattr(self.engine, "clear_tapes"):
+        if self.engine is not None:
             self.engine.clear_tapes()
 
     def sync(self, *, step: int) -> str:
