@@ -9,6 +9,7 @@ show hostnames` when available, else a small parser for the common
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import socket
@@ -27,9 +28,23 @@ class LaunchEnv:
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free on 127.0.0.1 now, for a process started next to listen on. Picked below the kernel's
+    ephemeral range when it can be read, so an outgoing connection (gloo, a TCPStore client) cannot take the port
+    between this check and the listener's bind; else any free port."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    candidates = random.Random().sample(range(max(1024, low - 8000), low), k=min(64, max(0, low - 1024)))
+    for port in candidates + [0]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise OSError("no free TCP port on 127.0.0.1")
 
 
 def first_slurm_host(nodelist: str) -> str:
