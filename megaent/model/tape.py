@@ -36,6 +36,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from megaent.ops import gemm
+
 _COLUMN = {"qkv": True, "proj": False, "gate_up": True, "down": False}
 
 
@@ -49,31 +51,77 @@ def _linears(policy: Any) -> list[dict[str, torch.nn.Module]]:
             for l in policy.layers.values()]
 
 
+class TapePool:
+    """Free tape storage, reused by the next decode's tapes (one engine's tapes).
+
+    A tape is ~10 kB per token (every decoder linear's output and the logits); allocating it fresh each step
+    costs a page fault per 4 kB page on first touch, more than the copies themselves on a fast CPU. Storage
+    (flat, so a buffer of another shape can reuse it: prompt lengths change every step) returns here when its
+    tape is released (`ActivationTape.release`), never while a tape still reads it. `trim()` drops what the
+    last decode did not take again, so the pool never holds more than one step's tapes.
+    """
+
+    def __init__(self) -> None:
+        self._free: list[torch.Tensor] = []
+
+    def take(self, rows: int, width: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor,
+                                                                                          torch.Tensor]:
+        """(flat storage, [rows, width] view of it): the smallest free storage that fits (at most 2x the need),
+        else a new one."""
+        need = rows * width
+        fits = [k for k, f in enumerate(self._free)
+                if f.dtype == dtype and f.device == device and need <= f.numel() <= 2 * need]
+        if fits:
+            flat = self._free.pop(min(fits, key=lambda k: self._free[k].numel()))
+        else:
+            flat = torch.empty(need, dtype=dtype, device=device)
+        return flat, flat[:need].view(rows, width)
+
+    def give(self, flat: torch.Tensor) -> None:
+        self._free.append(flat)
+
+    def trim(self) -> None:
+        self._free.clear()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.numel() * f.element_size() for f in self._free)
+
+
 class ActivationTape:
     """Recorded linear outputs of one decode batch (see the module docstring for the layout).
 
-    Recording keeps references to the runner's output tensors (no copy per decode step: ~1000 small copies
-    per rollout on the bench); `act` / `logits` assemble the buffers once, on first use by a replay, with one
-    stack per linear, and drop the references.
+    The buffers are allocated (or taken from `pool`) when the tape is made; the prefill and every decode step
+    copy their outputs straight into them (one strided copy per linear and step, of data still in cache), so a
+    replay reads them as they are. `release()` hands them back to the pool and invalidates the tape.
     """
 
     def __init__(self, policy: Any, *, n_prompts: int, prompt_pad_len: int, n_rows: int, max_new: int,
-                 stamp: tuple) -> None:
+                 stamp: tuple, pool: Optional[TapePool] = None) -> None:
         self.u, self.p, self.b, self.m = n_prompts, prompt_pad_len, n_rows, max_new
         self.base = n_prompts * prompt_pad_len
-        self.stamp = stamp
+        self.stamp: Optional[tuple] = stamp
         self._dtype, self._device = policy.dtype, policy.state.device
-        self._widths = [{name: mod.weight.shape[0] for name, mod in lin.items()} for lin in _linears(policy)]
-        self._vl = policy.padded_vocab_size // policy.state.tp
+        self._pool = pool if pool is not None else TapePool()
         # [out, in] weights: a column shard's output is its rows, a row-parallel output is full.
-        self._prefill: dict[tuple[int, str], torch.Tensor] = {}  # (slot, name) -> [U, P, N]
-        self._prefill_logits: Optional[torch.Tensor] = None  # [U, Vl]
-        self._steps: list[tuple[Optional[torch.Tensor], dict[tuple[int, str], torch.Tensor]]] = []  # slot j >= 1
-        self._act: Optional[list[dict[str, torch.Tensor]]] = None
-        self._logits: Optional[torch.Tensor] = None
+        widths = [{name: mod.weight.shape[0] for name, mod in lin.items()} for lin in _linears(policy)]
+        vl = policy.padded_vocab_size // policy.state.tp
+        self._storage: list[torch.Tensor] = []
+
+        def take(rows: int, width: int) -> torch.Tensor:
+            flat, buf = self._pool.take(rows, width, self._dtype, self._device)
+            self._storage.append(flat)
+            return buf
+
+        self._act: list[dict[str, torch.Tensor]] = [
+            {name: take(self.base + n_rows * max_new + 1, w) for name, w in ws.items()} for ws in widths]
+        self._logits = take(n_rows * max_new + 1, vl)
+        for buf in self._buffers():
+            buf[-1].zero_()  # the row of tokens the decode never fed
         self.expand: Optional[torch.Tensor] = None  # [B] prompt row of each decode row
         self.prompt_lens: Optional[torch.Tensor] = None  # [B]
         self.fed: Optional[torch.Tensor] = None  # [B] decode slots j < fed[k] hold data
+        self._next_slot = 1
 
     @staticmethod
     def nbytes_for(policy: Any, *, n_prompts: int, prompt_pad_len: int, n_rows: int, max_new: int) -> int:
@@ -83,78 +131,71 @@ class ActivationTape:
         elem = torch.empty(0, dtype=policy.dtype).element_size()
         return elem * ((n_prompts * prompt_pad_len + n_rows * max_new + 1) * width + (n_rows * max_new + 1) * vl)
 
+    def _buffers(self) -> Iterator[torch.Tensor]:
+        for bufs in self._act:
+            yield from bufs.values()
+        yield self._logits
+
+    def _decode_part(self, buf: torch.Tensor, n_pre: int) -> torch.Tensor:
+        """[B, m, N] view of the decode rows of one buffer (row k, slot j at n_pre + k*m + j)."""
+        return buf[n_pre:n_pre + self.b * self.m].view(self.b, self.m, buf.shape[-1])
+
     # ---- recording (DecodeRunner / EmbeddedEngine) -------------------------------------------------------------
     def write_prefill(self, slot: int, name: str, y: torch.Tensor) -> None:
-        """y [U, P, N]: the prefill's output of linear `name` of local layer `slot` (kept by reference)."""
-        self._prefill[(slot, name)] = y
+        """y [U, P, N]: the prefill's output of linear `name` of local layer `slot`."""
+        self._act[slot][name][:self.base].copy_(y.reshape(self.base, y.shape[-1]))
 
     def finish_prefill(self, expand: torch.Tensor, prompt_lens: torch.Tensor, logits: torch.Tensor) -> None:
-        """Rows' prompts (expand [B] -> prefill row), prompt lengths [B], the prefill's last logits [U, Vl]."""
+        """Rows' prompts (expand [B] -> prefill row), prompt lengths [B], the prefill's last logits [U, Vl].
+        Decode slot 0 of every row (its last prompt token) is the prefill's last position of its prompt."""
         self.expand, self.prompt_lens = expand, prompt_lens
         self.fed = torch.ones(self.b, dtype=torch.long, device=expand.device)
-        self._prefill_logits = logits
+        for bufs in self._act:
+            for buf in bufs.values():
+                last = buf[:self.base].view(self.u, self.p, buf.shape[-1])[:, -1]
+                self._decode_part(buf, self.base)[:, 0].copy_(last.index_select(0, expand))
+        self._decode_part(self._logits, 0)[:, 0].copy_(logits.index_select(0, expand))
 
     def step_writer(self, out_rows: torch.Tensor, j: int, *, all_rows: bool):
         """record(slot, name, y) for decode slot j (j = 1, 2, ... in order) of decode rows out_rows [b] (marks them
-        fed); y [b, 1, N] of a linear or [b, Vl] of the head (slot -1), kept by reference. `all_rows`: out_rows
-        is arange(B) (no row compacted away yet)."""
-        assert j == len(self._steps) + 1, "decode slots are recorded in order"
+        fed); y [b, 1, N] of a linear or [b, Vl] of the head (slot -1). `all_rows`: out_rows is arange(B) (no row
+        compacted away yet)."""
+        assert j == self._next_slot, "decode slots are recorded in order"
+        self._next_slot += 1
         self.fed[out_rows] = j + 1
-        outs: dict[tuple[int, str], torch.Tensor] = {}
-        self._steps.append((None if all_rows else out_rows, outs))
 
         def record(slot: int, name: str, y: torch.Tensor) -> None:
-            outs[(slot, name)] = y.reshape(y.shape[0], -1)
+            buf, n_pre = (self._logits, 0) if slot < 0 else (self._act[slot][name], self.base)
+            dst = self._decode_part(buf, n_pre)[:, j]
+            y = y.reshape(y.shape[0], -1)
+            if all_rows:
+                dst.copy_(y)
+            else:  # some rows were compacted away: their slots are never read (fed), the live ones are placed
+                dst.index_copy_(0, out_rows, y)
 
         return record
 
-    # ---- assembly ----------------------------------------------------------------------------------------------
-    def _assemble(self, prefill_last: torch.Tensor, key: tuple[int, str], width: int, head: Optional[torch.Tensor]
-                  ) -> torch.Tensor:
-        """[B*m + 1, N] decode part (plus the prefill rows in front when `head` is given) of one buffer."""
-        n_pre = 0 if head is None else self.base
-        buf = torch.empty(n_pre + self.b * self.m + 1, width, dtype=self._dtype, device=self._device)
-        if head is not None:
-            buf[:n_pre] = head.reshape(n_pre, width)
-        buf[-1].zero_()
-        cols = [prefill_last.index_select(0, self.expand)]
-        for rows, outs in self._steps:
-            y = outs[key]
-            if rows is not None:  # some rows were compacted away: place the live ones, zeros elsewhere
-                y = y.new_zeros(self.b, width).index_copy_(0, rows, y)
-            cols.append(y)
-        dec = buf[n_pre:n_pre + self.b * self.m].view(self.b, self.m, width)
-        if len(cols) == self.m:
-            torch.stack(cols, dim=1, out=dec)  # one copy of every decode slot
-        else:  # the decode ended before max_new tokens for every row: the slots after it stay zero
-            dec[:, len(cols):].zero_()
-            dec[:, :len(cols)].copy_(torch.stack(cols, dim=1))
-        return buf
-
-    def _materialize(self) -> None:
-        if self._act is not None:
+    def release(self) -> None:
+        """Hand the buffers back to the pool; the tape is refused by every later replay."""
+        if self.stamp is None:
             return
-        act = []
-        for slot, widths in enumerate(self._widths):
-            bufs = {}
-            for name, width in widths.items():
-                pre = self._prefill[(slot, name)]
-                bufs[name] = self._assemble(pre[:, -1].reshape(self.u, width), (slot, name), width, pre)
-            act.append(bufs)
-        self._logits = self._assemble(self._prefill_logits, (-1, "head"), self._vl, None)
-        self._act = act
-        self._prefill, self._steps, self._prefill_logits = {}, [], None  # the buffers hold everything now
+        self.stamp = None
+        for flat in self._storage:
+            self._pool.give(flat)
+        self._storage, self._act, self._logits = [], [], torch.empty(0)
 
     @property
     def act(self) -> list[dict[str, torch.Tensor]]:
-        """Per local layer: {linear name: [U*P + B*m + 1, N]} (assembled on first use)."""
-        self._materialize()
+        """Per local layer: {linear name: [U*P + B*m + 1, N]}."""
+        if self.stamp is None:
+            raise RuntimeError("this ActivationTape was released; its buffers belong to a newer tape")
         return self._act
 
     @property
     def logits(self) -> torch.Tensor:
-        """[B*m + 1, Vl] head outputs (assembled on first use)."""
-        self._materialize()
+        """[B*m + 1, Vl] head outputs."""
+        if self.stamp is None:
+            raise RuntimeError("this ActivationTape was released; its buffers belong to a newer tape")
         return self._logits
 
     # ---- replay (trainer) --------------------------------------------------------------------------------------
@@ -210,7 +251,7 @@ class ReplaySource:
                         act, logit = tape.token_rows(rows.to(dev), pos.to(dev))
                         out = (tape, act, logit)
             self._cache[key] = (mb, out)  # keeps mb alive so its id is not reused within the step
-        if out is None or out[0].stamp != param_stamp(self.policy):
+        if out is None or out[0].stamp is None or out[0].stamp != param_stamp(self.policy):
             return None
         return out
 
@@ -229,7 +270,7 @@ class _Replay(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):
         x, w = ctx.saved_tensors
         g2 = g.reshape(-1, g.shape[-1])
-        gx = (g2 @ w).view_as(x) if ctx.needs_input_grad[0] else None
+        gx = gemm.input_grad(g2, w).view_as(x) if ctx.needs_input_grad[0] else None
         gw = g2.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
         gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return gx, gw, gb, None, None

@@ -105,6 +105,7 @@ class EmbeddedEngine:
         self._runner_of: Any = None  # the policy object `_runner` was decided for
         self.record_tapes, self.tape_max_bytes = record_tapes, tape_max_bytes
         self._tapes: dict[int, Any] = {}  # serial -> ActivationTape of a decode batch (until clear_tapes)
+        self._tape_pool: Any = None  # megaent.model.tape.TapePool: released tapes' buffers, for the next ones
         self._tape_serial = 0
         self._tape_tag = f"{os.getpid()}-{next(_ENGINE_IDS)}"  # this engine's tapes only (no global RNG draw)
 
@@ -123,7 +124,12 @@ class EmbeddedEngine:
 
     # ---------------------------------------------------------------- rollout-forward reuse
     def clear_tapes(self) -> None:
-        """Drop the recorded activations of earlier decodes (`record_tapes`)."""
+        """Release the recorded activations of earlier decodes (`record_tapes`): their buffers go back to the pool
+        for the next decode's tapes, and a replay that still holds one of them is refused."""
+        if self._tape_pool is not None:
+            self._tape_pool.trim()  # storage this decode did not reuse: the pool keeps one step's tapes at most
+        for tape in self._tapes.values():
+            tape.release()
         self._tapes.clear()
 
     def tape_row(self, sample: Sample) -> Optional[tuple[Any, int]]:
@@ -136,7 +142,7 @@ class EmbeddedEngine:
         return None if tape is None else (tape, int(row))
 
     def _new_tape(self, chunk: list, n_prompts: int, p_len: int, m: int) -> Any:
-        from megaent.model.tape import ActivationTape, param_stamp
+        from megaent.model.tape import ActivationTape, TapePool, param_stamp
 
         if not self.record_tapes or self._runner_for_policy() is None:
             return None
@@ -146,7 +152,9 @@ class EmbeddedEngine:
             log.info("not recording the rollout forward: %.2f GiB > tape_max_bytes %.2f GiB", need / 2**30,
                      self.tape_max_bytes / 2**30)
             return None
-        return ActivationTape(self.policy, stamp=param_stamp(self.policy), **shape)
+        if self._tape_pool is None:
+            self._tape_pool = TapePool()
+        return ActivationTape(self.policy, stamp=param_stamp(self.policy), pool=self._tape_pool, **shape)
 
     @property
     def vocab_size(self) -> int:

@@ -39,6 +39,10 @@ class Trainer:
     def __init__(self, cfg: Config, *, run_dir: Path, state: ParallelState, stop: Optional[StopFlag] = None) -> None:
         self.cfg, self.run_dir, self.state = cfg, run_dir, state
         t = cfg.trainer
+        if t.keep_freed_memory:
+            from megaent.trainer.host import keep_freed_memory
+
+            keep_freed_memory()
         torch.manual_seed(t.seed)
         self.hf_dir = components.prepare_policy_dir(cfg, run_dir=run_dir, state=state)
         self.tokenizer = components.load_tokenizer(self.hf_dir)
