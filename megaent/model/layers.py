@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megaent.model.arch import ModelArch
 from megaent.model.cache import KVCache
+from megaent.model.fused import rms_norm_fp32, swiglu
 from megaent.model.rope import apply_rope
 
 
@@ -61,6 +62,8 @@ class RMSNorm(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., H] -> [..., H] in x's dtype."""
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return rms_norm_fp32(x, self.weight, self.eps)  # the same math, hand-written backward
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -280,8 +283,7 @@ class SwiGLU(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, S, H] -> [B, S, H]."""
         gate_up, _ = self.gate_up(x)
-        gate, up = gate_up.chunk(2, dim=-1)
-        out, _ = self.down(F.silu(gate) * up)
+        out, _ = self.down(swiglu(gate_up))  # silu(gate) * up
         return out
 
 

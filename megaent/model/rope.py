@@ -47,7 +47,6 @@ def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torc
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, N, S, D] (N heads), cos/sin [B, S, D] -> rotated x [B, N, S, D]."""
-    cos, sin = cos[:, None], sin[:, None]
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    from megaent.model.fused import rope
+
+    return rope(x, cos[:, None], sin[:, None])  # x * cos + rotate_half(x) * sin, in two passes
