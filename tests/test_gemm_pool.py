@@ -295,3 +295,17 @@ def test_keep_freed_memory_applies_and_is_idempotent(monkeypatch):
 
     monkeypatch.setattr(ctypes, "CDLL", refuse)
     assert host.keep_freed_memory() is True
+
+
+@pytest.mark.parametrize("n, k", [(48, 16), (16, 48), (24, 24)])
+def test_weight_grad_matches_torch(n, k):
+    """`gemm.weight_grad(g, x)` = g^T x over all leading positions, whichever operand is the narrower one
+    (the two oneDNN orientations), 3-D inputs; float64 falls back to the torch product exactly."""
+    torch.manual_seed(n * 100 + k)
+    g, x = torch.randn(2, 37, n), torch.randn(2, 37, k)
+    ref = g.reshape(-1, n).t() @ x.reshape(-1, k)
+    out = gemm.weight_grad(g, x)
+    _assert_rel_close(out, ref)
+    assert out.is_contiguous()
+    gd, xd = g.double(), x.double()
+    assert torch.equal(gemm.weight_grad(gd, xd), gd.reshape(-1, n).t() @ xd.reshape(-1, k))
