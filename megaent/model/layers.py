@@ -24,26 +24,115 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
+                                                    reduce_from_tensor_model_parallel_region)
 from torch.utils.checkpoint import checkpoint
 
 from megaent.model.arch import ModelArch
 from megaent.model.cache import KVCache
 from megaent.model.fused import rms_norm_fp32, swiglu
 from megaent.model.rope import apply_rope
+from megaent.ops import gemm
 
 
 def _no_init(_: torch.Tensor) -> None:
     """Weights are filled by `megaent.model.policy` (from a checkpoint or a seeded generator)."""
 
 
+class _CpuLinear(torch.autograd.Function):
+    """y = x w^T (+ b) on the prepacked oneDNN GEMMs of `megaent.ops.gemm` (fp32 CPU), with the plain linear's
+    backward: dx = g w, dW = g^T x, db = g summed over all leading dims. No collectives (the callers keep
+    megatron's). Saves x only when dW is wanted and w only when dx is."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.save_for_backward(x if need_w else None, weight if need_x else None)
+        ctx.x_shape = x.shape
+        ctx.has_bias = bias is not None
+        return gemm.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, w = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        gx = gemm.input_grad(g2, w).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        gw = gemm.weight_grad(g2, x) if ctx.needs_input_grad[1] else None
+        gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
+def _fast_linear_ok(mod: torch.nn.Module, x: torch.Tensor, weight: Optional[torch.Tensor]) -> bool:
+    """Whether a megatron TP linear's forward may run on `_CpuLinear` with megatron's exact semantics: eager (not
+    under torch.compile, which traces megatron's own forward), fp32 CPU input / weight / bias on gemm's oneDNN
+    path, no CPU autocast, and none of the megatron features that change the GEMM or its communication
+    (sequence parallel, gradient-accumulation fusion, expert comm, CPU offloading, an instance-level
+    `_forward_impl` such as `megaent.model.fp8`'s). Empty inputs stay on megatron's path (oneDNN refuses M = 0)."""
+    if torch.compiler.is_compiling():
+        return False
+    if weight is None or not gemm.uses_onednn(weight) or weight.numel() == 0:
+        return False
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() == 0:
+        return False
+    bias = mod.bias
+    if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"):
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        return False
+    if mod.sequence_parallel or mod.gradient_accumulation_fusion or mod.explicit_expert_comm:
+        return False
+    if "_forward_impl" in mod.__dict__ or mod.config._cpu_offloading_context is not None:
+        return False
+    return True
+
+
+class _ColumnParallelLinear(ColumnParallelLinear):
+    """megatron-core `ColumnParallelLinear` whose fp32 CPU forward/backward GEMMs run on `_CpuLinear` (oneDNN,
+    prepacked weight) instead of MKL's matmul. Semantics and collectives are megatron's: the input passes
+    `copy_to_tensor_model_parallel_region` (identity forward, all-reduce of dx over tp_group in backward: what
+    megatron's `allreduce_dgrad` does; nothing at TP = 1), the bias is added unless skip_bias_add (then
+    returned), `weight=` replaces the layer's weight (tied LM head), returns (output shard, bias or None).
+    Anything the fast path does not cover (see `_fast_linear_ok`; gather_output / runtime_gather_output,
+    disable_grad_reduce, deferred embedding wgrad) runs megatron's forward unchanged."""
+
+    def forward(self, input_: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                runtime_gather_output: Optional[bool] = None):
+        w = self.weight if weight is None else weight
+        gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
+        if (gather or self.disable_grad_reduce or self.config.defer_embedding_wgrad_compute
+                or not _fast_linear_ok(self, input_, w)
+                or tuple(w.shape) != (self.output_size_per_partition, self.input_size)):
+            return super().forward(input_, weight=weight, runtime_gather_output=runtime_gather_output)
+        bias = None if self.skip_bias_add else self.bias
+        if bias is not None and not w.requires_grad:
+            bias = bias.detach()  # megatron's frozen-weight linear (LinearWithFrozenWeight) gives bias no gradient
+        x = copy_to_tensor_model_parallel_region(input_, group=self.tp_group)
+        return _CpuLinear.apply(x, w, bias), (self.bias if self.skip_bias_add else None)
+
+
 class _RowParallelLinear(RowParallelLinear):
-    """megatron-core 0.16 `RowParallelLinear.forward` passes `tp_group=None` to its matmul function, which then
-    asks the global `parallel_state` for a group (unused there: no dgrad all-reduce). Pass ours instead, so
-    the layer works without megatron's globals (tests/test_model_parity.py makes the getters raise)."""
+    """megatron-core `RowParallelLinear` whose fp32 CPU forward/backward GEMMs run on `_CpuLinear` (see
+    `_ColumnParallelLinear`). Fast path (input_is_parallel, see `_fast_linear_ok`): y_partial = x w^T without
+    bias, `reduce_from_tensor_model_parallel_region` (all-reduce forward over tp_group, identity backward), then
+    + bias, or the bias returned with skip_bias_add -- megatron's forward step for step; else megatron's forward.
+
+    megatron-core 0.16 `RowParallelLinear.forward` passes `tp_group=None` to its matmul function, which then
+    asks the global `parallel_state` for a group (unused there: no dgrad all-reduce). `_forward_impl` passes
+    ours instead, so the layer works without megatron's globals (tests/test_model_parity.py makes the getters
+    raise)."""
 
     def _forward_impl(self, input, weight, *args, **kwargs):  # noqa: A002 (megatron's parameter name)
         kwargs["tp_group"] = self.tp_group
         return super()._forward_impl(input, weight, *args, **kwargs)
+
+    def forward(self, input_: torch.Tensor):
+        if not self.input_is_parallel or not _fast_linear_ok(self, input_, self.weight):
+            return super().forward(input_)
+        out = reduce_from_tensor_model_parallel_region(_CpuLinear.apply(input_, self.weight, None),
+                                                       group=self.tp_group)
+        if self.skip_bias_add:
+            return out, self.bias
+        return (out + self.bias if self.bias is not None else out), None
 
 
 def tp_layer_config(dtype: torch.dtype) -> ModelParallelConfig:
@@ -227,9 +316,9 @@ class SelfAttention(torch.nn.Module):
         self.head_dim = arch.head_dim
         self.n_q = arch.num_attention_heads // tp
         self.n_kv = arch.num_key_value_heads // tp
-        self.qkv = ColumnParallelLinear(arch.hidden_size, arch.q_size + 2 * arch.kv_size, config=config,
-                                        init_method=_no_init, bias=arch.qkv_bias, gather_output=False,
-                                        tp_group=tp_group)
+        self.qkv = _ColumnParallelLinear(arch.hidden_size, arch.q_size + 2 * arch.kv_size, config=config,
+                                         init_method=_no_init, bias=arch.qkv_bias, gather_output=False,
+                                         tp_group=tp_group)
         self.proj = _RowParallelLinear(arch.q_size, arch.hidden_size, config=config, init_method=_no_init,
                                        bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
         self.recompute_core = False
@@ -273,9 +362,9 @@ class SwiGLU(torch.nn.Module):
 
     def __init__(self, arch: ModelArch, *, tp_group: dist.ProcessGroup, config: ModelParallelConfig):
         super().__init__()
-        self.gate_up = ColumnParallelLinear(arch.hidden_size, 2 * arch.intermediate_size, config=config,
-                                            init_method=_no_init, bias=False, gather_output=False,
-                                            tp_group=tp_group)
+        self.gate_up = _ColumnParallelLinear(arch.hidden_size, 2 * arch.intermediate_size, config=config,
+                                             init_method=_no_init, bias=False, gather_output=False,
+                                             tp_group=tp_group)
         self.down = _RowParallelLinear(arch.intermediate_size, arch.hidden_size, config=config,
                                        init_method=_no_init, bias=False, input_is_parallel=True, skip_bias_add=False,
                                        tp_group=tp_group)

@@ -20,14 +20,15 @@ import zlib
 from typing import Callable, ContextManager, Optional
 
 import torch
-from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
+from megatron.core.tensor_parallel import VocabParallelEmbedding
 from torch.utils.checkpoint import checkpoint
 
 from megaent.model.arch import ModelArch, stage_layer_ranges
 from megaent.model.cache import KVCache
 from megaent.model.hf_names import (ParamSpec, Part, build_local, padded_vocab_size, stage_param_specs,
                                     tp_slice)
-from megaent.model.layers import DecoderLayer, RMSNorm, _no_init, build_attention_mask, tp_layer_config
+from megaent.model.layers import (DecoderLayer, RMSNorm, _ColumnParallelLinear, _no_init, build_attention_mask,
+                                  tp_layer_config)
 from megaent.model.rope import inv_frequencies, rope_cos_sin
 from megaent.parallel import ParallelState
 
@@ -66,9 +67,9 @@ class Policy(torch.nn.Module):
                                            for l in self.layer_ids})
         if state.is_last_stage:
             self.final_norm = RMSNorm(h, eps=arch.rms_norm_eps, dtype=dtype)
-            self.head = ColumnParallelLinear(h, self.padded_vocab_size, config=cfg, init_method=_no_init, bias=False,
-                                             gather_output=False, tp_group=grp,
-                                             skip_weight_param_allocation=self.head_reuses_embedding)
+            self.head = _ColumnParallelLinear(h, self.padded_vocab_size, config=cfg, init_method=_no_init, bias=False,
+                                              gather_output=False, tp_group=grp,
+                                              skip_weight_param_allocation=self.head_reuses_embedding)
             pad = torch.arange(vl) >= self.local_vocab_valid
             self.register_buffer("_vocab_pad", pad if bool(pad.any()) else None, persistent=False)
         self.register_buffer("inv_freq", inv_frequencies(arch), persistent=False)

@@ -103,7 +103,15 @@ def canonical_state(policy: Any, optimizer: Any, state: ParallelState, *, loadin
 
 
 def finish_load(policy: Any, optimizer: Any, *, step: int) -> None:
-    """After `dcp.load` into masters: copy fp32 masters into bf16 params and set Adam's step counters."""
+    """After `dcp.load` into masters: copy fp32 masters into bf16 params and set Adam's step counters.
+
+    DCP writes into the parameters' storage behind autograd's back, which leaves their version counters
+    where they were; they are bumped here, so caches stamped with (data_ptr, version) (the decode runner's and
+    megaent.ops.gemm's packed weights, rollout activation tapes) cannot survive a load."""
+    from torch.autograd.graph import increment_version
+
+    for p in policy.parameters():
+        increment_version(p)
     if optimizer is None:
         return
     optimizer.step_count = step
