@@ -118,6 +118,11 @@ class ActivationTape:
         self._logits = take(n_rows * max_new + 1, vl)
         for buf in self._buffers():
             buf[-1].zero_()  # the row of tokens the decode never fed
+        # [B, m, N] decode views per (slot, name) (the head: slot -1), and the current step's pending copies.
+        self._dec = {(slot, name): self._decode_part(buf, self.base)
+                     for slot, bufs in enumerate(self._act) for name, buf in bufs.items()}
+        self._dec[(-1, "head")] = self._decode_part(self._logits, 0)
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.expand: Optional[torch.Tensor] = None  # [B] prompt row of each decode row
         self.prompt_lens: Optional[torch.Tensor] = None  # [B]
         self.fed: Optional[torch.Tensor] = None  # [B] decode slots j < fed[k] hold data
@@ -159,27 +164,37 @@ class ActivationTape:
     def step_writer(self, out_rows: torch.Tensor, j: int, *, all_rows: bool):
         """record(slot, name, y) for decode slot j (j = 1, 2, ... in order) of decode rows out_rows [b] (marks them
         fed); y [b, 1, N] of a linear or [b, Vl] of the head (slot -1). `all_rows`: out_rows is arange(B) (no row
-        compacted away yet)."""
+        compacted away yet). A step's copies are issued together (one `_foreach_copy_`) when the next step
+        starts or a replay first reads the tape."""
         assert j == self._next_slot, "decode slots are recorded in order"
+        self._flush()
         self._next_slot += 1
         self.fed[out_rows] = j + 1
+        dec, pending = self._dec, self._pending
 
         def record(slot: int, name: str, y: torch.Tensor) -> None:
-            buf, n_pre = (self._logits, 0) if slot < 0 else (self._act[slot][name], self.base)
-            dst = self._decode_part(buf, n_pre)[:, j]
+            dst = dec[(slot, name)][:, j]
             y = y.reshape(y.shape[0], -1)
             if all_rows:
-                dst.copy_(y)
+                pending.append((dst, y))
             else:  # some rows were compacted away: their slots are never read (fed), the live ones are placed
                 dst.index_copy_(0, out_rows, y)
 
         return record
+
+    def _flush(self) -> None:
+        if self._pending:
+            dsts, srcs = zip(*self._pending)
+            torch._foreach_copy_(list(dsts), list(srcs))
+            self._pending.clear()
 
     def release(self) -> None:
         """Hand the buffers back to the pool; the tape is refused by every later replay."""
         if self.stamp is None:
             return
         self.stamp = None
+        self._pending.clear()
+        self._dec = {}
         for flat in self._storage:
             self._pool.give(flat)
         self._storage, self._act, self._logits = [], [], torch.empty(0)
@@ -189,6 +204,7 @@ class ActivationTape:
         """Per local layer: {linear name: [U*P + B*m + 1, N]}."""
         if self.stamp is None:
             raise RuntimeError("this ActivationTape was released; its buffers belong to a newer tape")
+        self._flush()
         return self._act
 
     @property
@@ -196,6 +212,7 @@ class ActivationTape:
         """[B*m + 1, Vl] head outputs."""
         if self.stamp is None:
             raise RuntimeError("this ActivationTape was released; its buffers belong to a newer tape")
+        self._flush()
         return self._logits
 
     # ---- replay (trainer) --------------------------------------------------------------------------------------
