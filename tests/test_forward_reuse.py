@@ -9,7 +9,8 @@ lengths, some never feed their last token; in one case every sample stops long b
 at TP = 1 and TP = 2 (gloo):
 - every micro-batch is replayed, and every parameter gradient matches the plain one (relative error <= 1e-4);
 - the update's log-probs equal the rollout engine's sampled log-probs (<= 2e-5);
-- a corrupted tape changes the gradient (the replay really reads it), and a stale tape (any parameter changed in
+- a corrupted tape changes the gradient (the replay really reads it: a linear's output, the attention output
+  and the attention log-sum-exp, each in turn), and a stale tape (any parameter changed in
   place after the rollout) is refused;
 - the trainer (`Trainer.train_step`) with rollout.reuse_forward on and off ends the step with the same weights.
 
@@ -76,11 +77,22 @@ def _rollout_and_grads(rank, world, hf_dir, tp, max_new=8):
         bufs["gate_up"].mul_(1.5)
     corrupted, _, _, _ = update(ReplaySource(policy, rows=rows))
     moved = max(float((a - b).norm() / b.norm().clamp(min=1e-12)) for a, b in zip(corrupted, plain))
+    # fp32 CPU: the attention output (read by the forward) and its log-sum-exp (read by the flash backward) are
+    # recorded too; corrupting either must move the gradient again.
+    moved_attn = {}
+    assert tape.has_attention
+    for name, corrupt in (("attn", lambda t: t.mul_(1.5)), ("lse", lambda t: t.add_(0.5))):
+        for bufs in tape.act:
+            corrupt(bufs[name])
+        again, _, _, _ = update(ReplaySource(policy, rows=rows))
+        moved_attn[name] = max(float((a - b).norm() / b.norm().clamp(min=1e-12)) for a, b in zip(again, corrupted))
+        corrupted = again
     with torch.no_grad():
         next(policy.parameters()).add_(0.0)  # an in-place update bumps the version: the tape is stale
     mbs = make_micro_batches(samples, max_tokens=40, dp_group=st.dp_group)
     stale = [ReplaySource(policy, rows=rows).indices(mb) for mb in mbs]
-    return dict(rel=rel, hits=hits, lp_err=lp_err, moved=moved, stale=stale, lengths=lengths, n_mb=n_mb,
+    return dict(rel=rel, hits=hits, lp_err=lp_err, moved=moved, moved_attn=moved_attn, stale=stale, lengths=lengths,
+                n_mb=n_mb,
                 have_rows=all(r is not None for r in rows.values()))
 
 
@@ -95,6 +107,7 @@ def _check(res, max_new=8):
     assert max(res["rel"]) <= 1e-4, res["rel"]
     assert res["lp_err"] <= 2e-5, res["lp_err"]
     assert res["moved"] > 1e-3, res["moved"]
+    assert min(res["moved_attn"].values()) > 1e-3, res["moved_attn"]
     assert all(s is None for s in res["stale"])
 
 

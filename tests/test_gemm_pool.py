@@ -252,7 +252,8 @@ def test_released_tape_is_refused_after_clear_tapes(tiny_policy):
 
 
 def test_activation_tape_release_returns_buffers(tiny_policy):
-    """A directly built tape: buffers sized [U*P + B*m + 1, N] / [B*m + 1, Vl] with a zero last row; release() sets
+    """A directly built tape: buffers sized [U*P + B*m + 1, N] / [B*m + 1, Vl] with a zero last row (+inf for the
+    log-sum-exp); release() sets
     stamp None, makes act / logits raise 'released', puts all its storage (nbytes_for bytes) in the pool, and is
     idempotent (a second release gives nothing twice)."""
     policy, _ = tiny_policy
@@ -260,9 +261,14 @@ def test_activation_tape_release_returns_buffers(tiny_policy):
     shape = dict(n_prompts=2, prompt_pad_len=3, n_rows=4, max_new=2)
     tape = ActivationTape(policy, stamp=param_stamp(policy), pool=pool, **shape)
     rows = 2 * 3 + 4 * 2 + 1
-    assert [set(b) for b in tape.act] == [{"qkv", "proj", "gate_up", "down"}]
+    # fp32 CPU policy: the attention output and its log-sum-exp are recorded too (megaent.model.tape).
+    assert [set(b) for b in tape.act] == [{"qkv", "proj", "gate_up", "down", "attn", "lse"}]
     for name, buf in tape.act[0].items():
-        assert buf.shape[0] == rows and not bool(buf[-1].any()), name
+        assert buf.shape[0] == rows, name
+        if name == "lse":  # the unfed row: +inf, so its attention weights exp(s - lse) are exactly 0
+            assert bool(torch.isposinf(buf[-1]).all())
+        else:
+            assert not bool(buf[-1].any()), name
     assert tape.logits.shape == (4 * 2 + 1, policy.padded_vocab_size) and not bool(tape.logits[-1].any())
     assert pool.nbytes == 0
     tape.release()

@@ -308,6 +308,57 @@ def _segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout
     return out.view(b, s, n_q, d)
 
 
+class _RecordedAttention(torch.autograd.Function):
+    """Causal segment attention whose output the rollout's decode already computed (megaent.model.tape): the
+    forward gathers the recorded output into the padded segment layout, the backward is the CPU flash
+    kernel's own backward on (q, k, v, recorded output, recorded log-sum-exp), the same call a flash forward
+    on these inputs would have led to. q [n, Nl, L, D], k/v [n, KVl, L, D]; rows [n * L] tape rows per slot."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_buf: torch.Tensor, lse_buf: torch.Tensor,
+                rows: torch.Tensor, scale: float) -> torch.Tensor:
+        n, nq, seq, d = q.shape
+        out = out_buf.index_select(0, rows).view(n, seq, nq, d).transpose(1, 2)
+        lse = lse_buf.index_select(0, rows).view(n, seq, nq).transpose(1, 2).contiguous()
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            g, q, k, v, out, lse, 0.0, True, attn_mask=None, scale=ctx.scale)
+        return gq, gk, gv, None, None, None, None
+
+
+def _recorded_segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SegmentLayout,
+                                recorded: tuple[torch.Tensor, torch.Tensor, torch.Tensor], *, scale: float
+                                ) -> torch.Tensor:
+    """`_segment_attention` with the output read from a rollout tape (see `SelfAttention.replay_attention`):
+    the same [B, S, Nl, D] result; q/k/v still get their gradients (flash backward). Padding slots read the
+    tape's unfed row (output 0, log-sum-exp +inf: zero attention weights in the backward)."""
+    out_buf, lse_buf, idx = recorded
+    b, n_q, s, d = q.shape
+    if not torch.is_grad_enabled():  # no backward to feed: the recorded output in token order is all there is
+        return out_buf.index_select(0, idx).view(b, s, n_q, d)
+    real = torch.zeros(layout.n_seg * layout.max_len, dtype=torch.bool, device=q.device)
+    real[layout.scatter] = True
+    if layout.dup_slot is not None:
+        real[layout.dup_slot] = True  # prefix copies: the prefix token's own output and log-sum-exp
+    rows = torch.where(real, idx.index_select(0, layout.gather), out_buf.shape[0] - 1)
+
+    def pad(x: torch.Tensor) -> torch.Tensor:  # [B, n, S, D] -> [n_seg, n, L_max, D], as in _segment_attention
+        n = x.shape[1]
+        flat = x.transpose(1, 2).reshape(b * s, n, d)
+        seg = _ToSegments.apply(flat, layout.gather, layout.scatter, layout.dup_slot, layout.dup_pos)
+        return seg.view(layout.n_seg, layout.max_len, n, d).transpose(1, 2)
+
+    out = _RecordedAttention.apply(pad(q), pad(k), pad(v), out_buf, lse_buf, rows, scale)
+    out = _FromSegments.apply(out.transpose(1, 2).reshape(layout.n_seg * layout.max_len, n_q, d), layout.scatter)
+    return out.view(b, s, n_q, d)
+
+
 class SelfAttention(torch.nn.Module):
     """Grouped-query causal self-attention over this rank's Nl = N/TP query and KVl = KV/TP key/value heads."""
 
@@ -323,6 +374,9 @@ class SelfAttention(torch.nn.Module):
                                        bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
         self.recompute_core = False
         """Selective activation checkpointing: recompute the core attention in backward (training only)."""
+        self.replay_attention: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+        """(output buffer [R, Nl*D], log-sum-exp buffer [R, Nl], tape rows [B*S]) while a rollout tape is replayed
+        (megaent.model.tape.replaying): segment attention reads its output instead of computing it."""
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: "Optional[torch.Tensor | SegmentLayout]", *,
                 kv_cache: Optional[KVCache] = None, slot: int = 0) -> torch.Tensor:
@@ -350,7 +404,10 @@ class SelfAttention(torch.nn.Module):
         """Core attention: q [B, Nl, S, D], k/v [B, KVl, S_k, D] -> [B, S, Nl*D] (no parameters)."""
         b, _, s, d = q.shape
         if isinstance(mask, SegmentLayout):
-            out = _segment_attention(q, k, v, mask, scale=1.0 / math.sqrt(d), gqa=self.n_q != self.n_kv)
+            if self.replay_attention is not None:
+                out = _recorded_segment_attention(q, k, v, mask, self.replay_attention, scale=1.0 / math.sqrt(d))
+            else:
+                out = _segment_attention(q, k, v, mask, scale=1.0 / math.sqrt(d), gqa=self.n_q != self.n_kv)
             return out.reshape(b, s, self.n_q * d)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                              scale=1.0 / math.sqrt(d), enable_gqa=self.n_q != self.n_kv)

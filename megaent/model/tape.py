@@ -46,6 +46,26 @@ def param_stamp(module: torch.nn.Module) -> tuple:
     return tuple((p.data_ptr(), p._version) for p in module.parameters())
 
 
+def records_attention(policy: Any) -> bool:
+    """Whether tapes of `policy` also hold each layer's attention output and log-sum-exp (fp32 CPU policies:
+    the training backward then runs the CPU flash kernel's backward on them, see `replaying`)."""
+    return policy.dtype == torch.float32 and policy.state.device.type == "cpu"
+
+
+def _widths(policy: Any) -> list[dict[str, int]]:
+    """Per local layer: {buffer name: width} -- the linears' outputs (a column shard's output is its weight's
+    rows, a row-parallel output is full) and, with `records_attention`, the attention output [Nl * D] (the
+    input of the o-projection) and its log-sum-exp [Nl]."""
+    out = []
+    for layer, lin in zip(policy.layers.values(), _linears(policy)):
+        ws = {name: mod.weight.shape[0] for name, mod in lin.items()}
+        if records_attention(policy):
+            ws["attn"] = layer.attn.n_q * layer.attn.head_dim
+            ws["lse"] = layer.attn.n_q
+        out.append(ws)
+    return out
+
+
 def _linears(policy: Any) -> list[dict[str, torch.nn.Module]]:
     return [{"qkv": l.attn.qkv, "proj": l.attn.proj, "gate_up": l.mlp.gate_up, "down": l.mlp.down}
             for l in policy.layers.values()]
@@ -103,8 +123,8 @@ class ActivationTape:
         self.stamp: Optional[tuple] = stamp
         self._dtype, self._device = policy.dtype, policy.state.device
         self._pool = pool if pool is not None else TapePool()
-        # [out, in] weights: a column shard's output is its rows, a row-parallel output is full.
-        widths = [{name: mod.weight.shape[0] for name, mod in lin.items()} for lin in _linears(policy)]
+        widths = _widths(policy)
+        self.has_attention = records_attention(policy)
         vl = policy.padded_vocab_size // policy.state.tp
         self._storage: list[torch.Tensor] = []
 
@@ -118,6 +138,9 @@ class ActivationTape:
         self._logits = take(n_rows * max_new + 1, vl)
         for buf in self._buffers():
             buf[-1].zero_()  # the row of tokens the decode never fed
+        for bufs in self._act:
+            if "lse" in bufs:  # an unfed token's attention weights exp(s - lse) are 0, never inf (see layers.py)
+                bufs["lse"][-1].fill_(float("inf"))
         # [B, m, N] decode views per (slot, name) (the head: slot -1), and the current step's pending copies.
         self._dec = {(slot, name): self._decode_part(buf, self.base)
                      for slot, bufs in enumerate(self._act) for name, buf in bufs.items()}
@@ -131,7 +154,7 @@ class ActivationTape:
     @staticmethod
     def nbytes_for(policy: Any, *, n_prompts: int, prompt_pad_len: int, n_rows: int, max_new: int) -> int:
         """Bytes a tape of this shape would take (to check a memory cap before recording)."""
-        width = sum(m.weight.shape[0] for lin in _linears(policy) for m in lin.values())
+        width = sum(w for ws in _widths(policy) for w in ws.values())
         vl = policy.padded_vocab_size // policy.state.tp
         elem = torch.empty(0, dtype=policy.dtype).element_size()
         return elem * ((n_prompts * prompt_pad_len + n_rows * max_new + 1) * width + (n_rows * max_new + 1) * vl)
@@ -319,14 +342,21 @@ def _row_forward(mod: Any, buf: torch.Tensor, idx: torch.Tensor):
 def replaying(policy: Any, tape: ActivationTape, act_idx: torch.Tensor, logit_idx: torch.Tensor) -> Iterator[None]:
     """Within the block, every decoder linear (and the LM head) of `policy` reads its output from `tape` at
     the given rows ([S] each: one micro-batch row [1, S]). Backward as a plain linear. No collectives besides
-    the column-parallel input-gradient all-reduce on tp_group that the plain layer also does."""
-    patched = []
+    the column-parallel input-gradient all-reduce on tp_group that the plain layer also does.
+
+    With `tape.has_attention`, each layer's core attention also comes from the tape
+    (`SelfAttention.replay_attention`): its output is read, and its backward is the CPU flash kernel's
+    backward on the recomputed q, k, v and the recorded output and log-sum-exp."""
+    patched, attn = [], []
     try:
-        for slot, lin in enumerate(_linears(policy)):
+        for slot, (layer, lin) in enumerate(zip(policy.layers.values(), _linears(policy))):
             for name, mod in lin.items():
                 fwd = (_column_forward if _COLUMN[name] else _row_forward)(mod, tape.act[slot][name], act_idx)
                 mod.forward = fwd
                 patched.append(mod)
+            if tape.has_attention:
+                layer.attn.replay_attention = (tape.act[slot]["attn"], tape.act[slot]["lse"], act_idx)
+                attn.append(layer.attn)
         if policy.state.is_last_stage:
             policy.head.forward = _column_forward(policy.head, tape.logits, logit_idx)
             patched.append(policy.head)
@@ -334,3 +364,5 @@ def replaying(policy: Any, tape: ActivationTape, act_idx: torch.Tensor, logit_id
     finally:
         for mod in patched:
             mod.__dict__.pop("forward", None)
+        for mod in attn:
+            mod.replay_attention = None

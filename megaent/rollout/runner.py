@@ -84,6 +84,9 @@ class DecodeRunner:
         # fp32: torch's fused rms_norm is the model's RMSNorm math in one kernel; other dtypes keep the module
         # (it normalises in fp32 and casts back before the weight, as HF does).
         self._fused_norm = policy.dtype == torch.float32
+        from megaent.model.tape import records_attention
+
+        self._records_attention = records_attention(policy)  # record() also gets ("attn", [B, S, Nl*D]), ("lse", ..)
         self._stamp: Optional[tuple] = None
         self._layers: list[tuple[Any, _Linear, _Linear, _Linear, _Linear]] = []
         self._head: Optional[_Linear] = None
@@ -141,15 +144,30 @@ class DecodeRunner:
             return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
         return norm(x)
 
-    def _decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """One query per row, every cached key real: q [B, Nl, 1, D], k/v [B, KVl, S, D] -> [B, Nl, 1, D].
+    def _decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, want_lse: bool = False
+                          ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """One query per row, every cached key real: q [B, Nl, 1, D], k/v [B, KVl, S, D] -> ([B, Nl, 1, D],
+        log-sum-exp of the scaled scores [B, Nl, 1] when `want_lse`, else None).
 
         The Nl / KVl query heads sharing a KV head are one [g, D] x [D, S] matmul (no K/V repeat), softmax in
         fp32 (fp32 policies only); ~1.4x faster than the flash kernel at this size, same values to rounding."""
         b, nq, _, d = q.shape
         nkv = k.shape[1]
         scores = torch.matmul(q.reshape(b, nkv, nq // nkv, d), k.transpose(-1, -2)).mul_(self.scale)
-        return torch.matmul(torch.softmax(scores, dim=-1), v).view(b, nq, 1, d)
+        if not want_lse:
+            return torch.matmul(torch.softmax(scores, dim=-1), v).view(b, nq, 1, d), None
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+        return torch.matmul(scores.sub_(lse).exp_(), v).view(b, nq, 1, d), lse.view(b, nq, 1)
+
+    def _attention_with_lse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                            causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDPA through the CPU flash kernel, which also returns the log-sum-exp [B, Nl, S] (recorded for the
+        training backward); a boolean mask becomes the additive float mask that kernel takes."""
+        am = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
+            ~mask, float("-inf"))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=am,
+                                                                              scale=self.scale)
+        return out, lse
 
     @torch.no_grad()
     def last_logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor, *, key_mask: Optional[torch.Tensor],
@@ -160,7 +178,9 @@ class DecodeRunner:
         Weights are (re)read at the start of each sequence (a prefill into an empty cache): a KV cache filled
         by other weights could not be continued anyway, so decode steps skip the check.
         record(slot, name, y): called with every decoder linear's output y [B, S, N] (name in qkv, proj, gate_up,
-        down; row-parallel outputs after their all-reduce), for `megaent.model.tape.ActivationTape`.
+        down; row-parallel outputs after their all-reduce), for `megaent.model.tape.ActivationTape`; with
+        `records_attention` (fp32 CPU) also the attention output ("attn", [B, S, Nl*D], the o-projection's input)
+        and its log-sum-exp ("lse", [B, S, Nl]).
         Collectives on tp_group: 1 all-reduce for the embedding + 2 per layer."""
         if cache.length == 0 or self._stamp is None:
             self._refresh()
@@ -178,17 +198,22 @@ class DecodeRunner:
                                         device=x.device)
             causal = False
         d, nq, nkv = self.d, self.n_q, self.n_kv
+        rec_attn = record is not None and self._records_attention
+        lse = None
         for slot, (layer, qkv_l, proj_l, gate_up_l, down_l) in enumerate(self._layers):
             qkv = qkv_l(self._norm(layer.input_norm, x))
             qk = apply_rope(qkv[..., :(nq + nkv) * d].view(b, s, nq + nkv, d).transpose(1, 2), cos, sin)
             v = qkv[..., (nq + nkv) * d:].view(b, s, nkv, d).transpose(1, 2)
             k, v = cache.update(slot, qk[:, nq:], v)
             if s == 1 and mask is None and self._fused_norm:
-                out = self._decode_attention(qk[:, :nq], k, v)
+                out, lse = self._decode_attention(qk[:, :nq], k, v, want_lse=rec_attn)
+            elif rec_attn:
+                out, lse = self._attention_with_lse(qk[:, :nq], k, v, mask, causal)
             else:
                 out = F.scaled_dot_product_attention(qk[:, :nq], k, v, attn_mask=mask, is_causal=causal,
                                                      scale=self.scale, enable_gqa=nq != nkv)
-            o = self._reduce(proj_l(out.transpose(1, 2).reshape(b, s, nq * d)))
+            attn = out.transpose(1, 2).reshape(b, s, nq * d)
+            o = self._reduce(proj_l(attn))
             x = x + o
             gate_up = gate_up_l(self._norm(layer.post_norm, x))
             gate, up = gate_up.chunk(2, dim=-1)
@@ -197,5 +222,8 @@ class DecodeRunner:
             if record is not None:
                 for name, y in (("qkv", qkv), ("proj", o), ("gate_up", gate_up), ("down", down)):
                     record(slot, name, y)
+                if rec_attn:
+                    record(slot, "attn", attn)
+                    record(slot, "lse", lse.transpose(1, 2))  # [B, S, Nl]
         cache.advance(s)
         return pol.mask_padded_vocab(self._head(self._norm(pol.final_norm, x[:, -1])))
