@@ -156,8 +156,12 @@ class DecodeRunner:
         scores = torch.matmul(q.reshape(b, nkv, nq // nkv, d), k.transpose(-1, -2)).mul_(self.scale)
         if not want_lse:
             return torch.matmul(torch.softmax(scores, dim=-1), v).view(b, nq, 1, d), None
-        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-        return torch.matmul(scores.sub_(lse).exp_(), v).view(b, nq, 1, d), lse.view(b, nq, 1)
+        # softmax by hand, normalised after the PV product ([g, D] rows, not [g, S]), log-sum-exp on the way
+        top = scores.amax(dim=-1, keepdim=True)
+        e = scores.sub_(top).exp_()
+        total = e.sum(dim=-1, keepdim=True)
+        out = torch.matmul(e, v).div_(total).view(b, nq, 1, d)
+        return out, total.log_().add_(top).view(b, nq, 1)
 
     def _attention_with_lse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                             causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
