@@ -44,8 +44,12 @@ def test_rope_matches_plain_on_qkv_views():
         _grads(lambda: _plain_rope(heads(), cos, sin), [qkv], g)
     assert torch.allclose(ga, gb, rtol=0, atol=1e-12)
     assert ga[..., (nq + nkv) * d:].abs().max() == 0  # v columns get no gradient from RoPE
-    with torch.no_grad():  # the decode path (no autograd) computes the same values
+    with torch.no_grad():  # no autograd, tiny (a decode step: the plain form) and large (the two-pass kernel)
         assert torch.allclose(fused.rope(heads(), cos, sin), want, rtol=0, atol=1e-12)
+        big = torch.randn(2, 8, 512, d, dtype=torch.float64)  # >= 2^16 elements
+        cb, sb = _cos_sin(512, d, torch.float64)
+        assert big.numel() >= 1 << 16
+        assert torch.allclose(fused.rope(big, cb, sb), _plain_rope(big, cb, sb), rtol=0, atol=1e-12)
 
 
 def test_rms_norm_fp32_matches_plain():

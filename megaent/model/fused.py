@@ -54,10 +54,12 @@ class _Rope(torch.autograd.Function):
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Half-split rotary embedding of x [B, N, S, D] with cos/sin [B, 1, S, D] (both halves of each equal)."""
-    if _compiling() or cos.requires_grad or sin.requires_grad:
+    grad = torch.is_grad_enabled() and x.requires_grad
+    # Tiny inputs (a decode step) without autograd: the plain form has fewer dispatches (24 vs 33 us per call).
+    if _compiling() or cos.requires_grad or sin.requires_grad or (not grad and x.numel() < 1 << 16):
         half = x.shape[-1] // 2
         return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
-    if not (torch.is_grad_enabled() and x.requires_grad):
+    if not grad:
         return _rotate(x, cos, sin, 1.0)
     return _Rope.apply(x, cos, sin)
 
