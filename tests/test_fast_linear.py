@@ -123,17 +123,24 @@ def st():
 
 
 # ------------------------------------------------------------------------------------------- single process
+@pytest.mark.parametrize("kind", ["column", "row"])
 @pytest.mark.parametrize("bias,skip", [(False, False), (True, False), (True, True)])
-def test_column_matches_torch_and_megatron(st, bias, skip):
-    from megatron.core.tensor_parallel import ColumnParallelLinear
+def test_layer_matches_torch_and_megatron(st, kind, bias, skip):
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-    d = _data(0)
-    layer = _fill(_column(st, K, N, bias=bias, skip_bias_add=skip), d["w"], d["b"])
+    if kind == "column":
+        d = _data(0)
+        x, w, b, gy = d["x"], d["w"], d["b"], d["gy"]
+        layer, base = _fill(_column(st, K, N, bias=bias, skip_bias_add=skip), w, b), ColumnParallelLinear
+    else:
+        d = _data(1)
+        x, w, b, gy = d["xr"], d["wr"], d["br"], d["gyr"]
+        layer, base = _fill(_row(st, N, K, bias=bias, skip_bias_add=skip), w, b), RowParallelLinear
     with _count_gemm() as calls:
-        out, ob, dx, dw, db = _run(layer, d["x"], d["gy"])
+        out, ob, dx, dw, db = _run(layer, x, gy)
     assert calls == {"linear": 1, "input_grad": 1, "weight_grad": 1}, calls
     assert (ob is layer.bias) if skip else ob is None
-    r_out, r_dx, r_dw, r_db = _reference(d["x"], d["w"], d["b"] if bias else None, d["gy"])
+    r_out, r_dx, r_dw, r_db = _reference(x, w, b if bias else None, gy)
     _close(out, r_out, "out")
     _close(dx, r_dx, "dx")
     _close(dw, r_dw, "dW")
@@ -141,31 +148,7 @@ def test_column_matches_torch_and_megatron(st, bias, skip):
         _close(db, r_db, "db")
     # megatron's own forward of the same layer (MKL matmul) agrees as well
     with _count_gemm() as calls:
-        m = _run(layer, d["x"], d["gy"], forward=lambda x: ColumnParallelLinear.forward(layer, x))
-    assert sum(calls.values()) == 0
-    for a, b_, what in zip((out, dx, dw, db), (m[0], m[2], m[3], m[4]), ("out", "dx", "dW", "db")):
-        if b_ is not None:
-            _close(a, b_, f"vs megatron {what}")
-
-
-@pytest.mark.parametrize("bias,skip", [(False, False), (True, False), (True, True)])
-def test_row_matches_torch_and_megatron(st, bias, skip):
-    from megatron.core.tensor_parallel import RowParallelLinear
-
-    d = _data(1)
-    layer = _fill(_row(st, N, K, bias=bias, skip_bias_add=skip), d["wr"], d["br"])
-    with _count_gemm() as calls:
-        out, ob, dx, dw, db = _run(layer, d["xr"], d["gyr"])
-    assert calls == {"linear": 1, "input_grad": 1, "weight_grad": 1}, calls
-    assert (ob is layer.bias) if skip else ob is None
-    r_out, r_dx, r_dw, r_db = _reference(d["xr"], d["wr"], d["br"] if bias else None, d["gyr"])
-    _close(out, r_out, "out")
-    _close(dx, r_dx, "dx")
-    _close(dw, r_dw, "dW")
-    if bias:
-        _close(db, r_db, "db")
-    with _count_gemm() as calls:
-        m = _run(layer, d["xr"], d["gyr"], forward=lambda x: RowParallelLinear.forward(layer, x))
+        m = _run(layer, x, gy, forward=lambda inp: base.forward(layer, inp))
     assert sum(calls.values()) == 0
     for a, b_, what in zip((out, dx, dw, db), (m[0], m[2], m[3], m[4]), ("out", "dx", "dW", "db")):
         if b_ is not None:

@@ -171,14 +171,6 @@ def test_tape_pool_reuses_storage_within_2x():
 
 # ---------------------------------------------------------------------------------------------------- tapes
 @pytest.fixture(scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
 def tiny_policy(tmp_path_factory, one_thread):
     from megaent.model import load_hf
     from megaent.parallel import init_parallel

@@ -25,12 +25,8 @@ PROMPTS = [[5, 17, 33, 8], [40, 41], [7, 7, 9, 60, 61, 62, 63, 11, 12], [99]]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Decode steps are tiny: with 2 intra-op threads on a loaded 2-core machine they run ~10x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test here on one intra-op thread (conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")
