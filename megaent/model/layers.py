@@ -48,18 +48,13 @@ class _CpuLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.save_for_backward(x if need_w else None, weight if need_x else None)
-        ctx.x_shape = x.shape
         ctx.has_bias = bias is not None
         return gemm.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         x, w = ctx.saved_tensors
-        g2 = g.reshape(-1, g.shape[-1])
-        gx = gemm.input_grad(g2, w).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        gw = gemm.weight_grad(g2, x) if ctx.needs_input_grad[1] else None
-        gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return gx, gw, gb
+        return gemm.linear_backward(g, x, w, ctx.needs_input_grad, ctx.has_bias)
 
 
 def _fast_linear_ok(mod: torch.nn.Module, x: torch.Tensor, weight: Optional[torch.Tensor]) -> bool:
@@ -290,19 +285,21 @@ class _FromSegments(torch.autograd.Function):
         return out.index_copy_(0, scatter, grad), None
 
 
+def _to_segments(x: torch.Tensor, layout: SegmentLayout) -> torch.Tensor:
+    """[B, n, S, D] heads of packed rows -> [n_seg, n, L_max, D] padded segments (`_ToSegments`)."""
+    b, n, s, d = x.shape
+    flat = x.transpose(1, 2).reshape(b * s, n, d)
+    seg = _ToSegments.apply(flat, layout.gather, layout.scatter, layout.dup_slot, layout.dup_pos)
+    return seg.view(layout.n_seg, layout.max_len, n, d).transpose(1, 2)
+
+
 def _segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SegmentLayout, *, scale: float,
                        gqa: bool) -> torch.Tensor:
     """q [B, Nl, S, D], k/v [B, KVl, S, D] -> [B, S, Nl, D]: causal attention inside each packed segment (and over
     all of its shared prefix segment, if the layout has one). No collectives."""
     b, _, s, d = q.shape
-
-    def pad(x: torch.Tensor) -> torch.Tensor:  # [B, n, S, D] -> [n_seg, n, L_max, D]
-        n = x.shape[1]
-        flat = x.transpose(1, 2).reshape(b * s, n, d)
-        seg = _ToSegments.apply(flat, layout.gather, layout.scatter, layout.dup_slot, layout.dup_pos)
-        return seg.view(layout.n_seg, layout.max_len, n, d).transpose(1, 2)
-
-    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), is_causal=True, scale=scale, enable_gqa=gqa)
+    out = F.scaled_dot_product_attention(_to_segments(q, layout), _to_segments(k, layout), _to_segments(v, layout),
+                                         is_causal=True, scale=scale, enable_gqa=gqa)
     n_q = q.shape[1]
     out = _FromSegments.apply(out.transpose(1, 2).reshape(layout.n_seg * layout.max_len, n_q, d), layout.scatter)
     return out.view(b, s, n_q, d)
@@ -347,14 +344,8 @@ def _recorded_segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     if layout.dup_slot is not None:
         real[layout.dup_slot] = True  # prefix copies: the prefix token's own output and log-sum-exp
     rows = torch.where(real, idx.index_select(0, layout.gather), out_buf.shape[0] - 1)
-
-    def pad(x: torch.Tensor) -> torch.Tensor:  # [B, n, S, D] -> [n_seg, n, L_max, D], as in _segment_attention
-        n = x.shape[1]
-        flat = x.transpose(1, 2).reshape(b * s, n, d)
-        seg = _ToSegments.apply(flat, layout.gather, layout.scatter, layout.dup_slot, layout.dup_pos)
-        return seg.view(layout.n_seg, layout.max_len, n, d).transpose(1, 2)
-
-    out = _RecordedAttention.apply(pad(q), pad(k), pad(v), out_buf, lse_buf, rows, scale)
+    out = _RecordedAttention.apply(_to_segments(q, layout), _to_segments(k, layout), _to_segments(v, layout),
+                                   out_buf, lse_buf, rows, scale)
     out = _FromSegments.apply(out.transpose(1, 2).reshape(layout.n_seg * layout.max_len, n_q, d), layout.scatter)
     return out.view(b, s, n_q, d)
 

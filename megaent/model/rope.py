@@ -14,6 +14,7 @@ import math
 import torch
 
 from megaent.model.arch import ModelArch
+from megaent.model.fused import rope
 
 
 def inv_frequencies(arch: ModelArch) -> torch.Tensor:
@@ -47,6 +48,4 @@ def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torc
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, N, S, D] (N heads), cos/sin [B, S, D] -> rotated x [B, N, S, D]."""
-    from megaent.model.fused import rope
-
     return rope(x, cos[:, None], sin[:, None])  # x * cos + rotate_half(x) * sin, in two passes

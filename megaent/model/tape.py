@@ -178,11 +178,11 @@ class ActivationTape:
         Decode slot 0 of every row (its last prompt token) is the prefill's last position of its prompt."""
         self.expand, self.prompt_lens = expand, prompt_lens
         self.fed = torch.ones(self.b, dtype=torch.long, device=expand.device)
-        for bufs in self._act:
-            for buf in bufs.values():
+        for slot, bufs in enumerate(self._act):
+            for name, buf in bufs.items():
                 last = buf[:self.base].view(self.u, self.p, buf.shape[-1])[:, -1]
-                self._decode_part(buf, self.base)[:, 0].copy_(last.index_select(0, expand))
-        self._decode_part(self._logits, 0)[:, 0].copy_(logits.index_select(0, expand))
+                self._dec[(slot, name)][:, 0].copy_(last.index_select(0, expand))
+        self._dec[(-1, "head")][:, 0].copy_(logits.index_select(0, expand))
 
     def step_writer(self, out_rows: torch.Tensor, j: int, *, all_rows: bool):
         """record(slot, name, y) for decode slot j (j = 1, 2, ... in order) of decode rows out_rows [b] (marks them
@@ -309,11 +309,7 @@ class _Replay(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         x, w = ctx.saved_tensors
-        g2 = g.reshape(-1, g.shape[-1])
-        gx = gemm.input_grad(g2, w).view_as(x) if ctx.needs_input_grad[0] else None
-        gw = gemm.weight_grad(g2, x) if ctx.needs_input_grad[1] else None
-        gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return gx, gw, gb, None, None
+        return (*gemm.linear_backward(g, x, w, ctx.needs_input_grad, ctx.has_bias), None, None)
 
 
 def _column_forward(mod: Any, buf: torch.Tensor, idx: torch.Tensor):

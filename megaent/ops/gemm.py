@@ -83,10 +83,22 @@ def input_grad(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def weight_grad(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """dW = g^T x for y = x w^T: g [..., N], x [..., K] -> [N, K] (summed over all leading positions)."""
     g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
-    if not (_ONEDNN and g2.device.type == "cpu" and g2.dtype == torch.float32 and x2.dtype == torch.float32):
+    if not uses_onednn(g2) or x2.dtype != g2.dtype:
         return g2.t() @ x2
     # oneDNN wants its source operand row-major and packs its "weight" operand itself from any strides: the
     # narrower of the two activations is the one transposed into a contiguous copy.
     if x2.shape[1] < g2.shape[1]:
         return packed_linear(x2.t().contiguous(), g2.t()).t().contiguous()  # (x^T g)^T
     return packed_linear(g2.t().contiguous(), x2.t())
+
+
+def linear_backward(g: torch.Tensor, x: Optional[torch.Tensor], w: Optional[torch.Tensor], needs: tuple[bool, ...],
+                    has_bias: bool) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(dx, dW, db) of y = x w^T + b for the upstream gradient g [..., N], each None unless `needs` (autograd's
+    needs_input_grad for (x, w, b)) asks for it; dx takes g's leading shape. x is read only for dW and w only
+    for dx, so a Function may save just what its needs ask for."""
+    g2 = g.reshape(-1, g.shape[-1])
+    gx = input_grad(g2, w).view(*g.shape[:-1], w.shape[1]) if needs[0] else None
+    gw = weight_grad(g2, x) if needs[1] else None
+    gb = g2.sum(0) if has_bias and needs[2] else None
+    return gx, gw, gb

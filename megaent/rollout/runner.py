@@ -38,12 +38,7 @@ import torch.nn.functional as F
 
 from megaent.model.layers import build_attention_mask
 from megaent.model.rope import apply_rope, rope_cos_sin
-
-
-def onednn_prepack_available() -> bool:
-    """Whether this torch build has the oneDNN prepacked-linear ops (CPU builds with MKLDNN)."""
-    return bool(torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-                and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+from megaent.ops.gemm import onednn_prepack_available, packed_linear, prepack as prepack_weight
 
 
 class _Linear:
@@ -53,12 +48,12 @@ class _Linear:
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], *, prepack: bool, rows_hint: int):
         self.weight, self.bias = weight, bias
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows_hint) if prepack else None
+        self.packed = prepack_weight(weight, rows_hint) if prepack else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return packed_linear(x, self.packed, self.bias)
 
 
 class DecodeRunner:
