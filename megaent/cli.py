@@ -1,27 +1,56 @@
 """`megaent` command line: one thin function per verb.
 
-    megaent train CONFIG [key=value ...]     run RL (or --resume RUN_DIR)
+    megaent train CONFIG [key=value ...]     run RL (or --resume RUN_DIR [key=value ...])
     megaent serve --model HF_DIR             SGLang-compatible rollout server
     megaent convert SRC DST                  HF <-> megaent checkpoints
     megaent submit CONFIG --nodes N ...      render / submit the Slurm job
-    megaent eval CONFIG_OR_CKPT --data ...   pass@1 / pass@k
+    megaent eval TARGET [--data FILE]        pass@1 / pass@k
     megaent fit-law RUN_DIR                  fit R = -a exp(H) + b
     megaent plot RUN_DIR [RUN_DIR ...]       entropy / reward / covariance curves
 
-User errors (bad config, missing file) print one line and exit 2.
+`megaent VERB --help` explains each verb. Options and key=value overrides may come in any order; overrides
+apply left to right after the YAML (the last one wins). User errors (bad config, missing file, wrong
+arguments) print one line and exit 2.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
 from typing import Callable, Optional, Sequence
+
+# Nothing heavy is imported at module level: `megaent --help` and `megaent VERB --help` must start in well
+# under a second (torch, megatron-core and transformers take 5-10 s); each verb imports what it runs.
 
 EXIT_USAGE = 2
 
 
 class UserError(Exception):
     """An error in what the user asked for; printed as one line, exit code 2."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean "the user asked for something wrong". Read from the modules that were
+    imported (a module that never ran cannot have raised), so this costs no import."""
+    errs: list[type[BaseException]] = [UserError, FileNotFoundError, NotADirectoryError, PermissionError]
+    for module, name in (("megaent.config", "ConfigError"), ("megaent.config.load", "ConfigError"),
+                         ("megaent.model.backends", "BackendError"), ("megaent.slurm.render", "SubmitError"),
+                         ("megaent.data", "DataError")):
+        exc = getattr(sys.modules.get(module), name, None)
+        if isinstance(exc, type) and issubclass(exc, BaseException):
+            errs.append(exc)
+    return tuple(errs)
+
+
+def _split_train_positionals(args: argparse.Namespace) -> tuple[Optional[str], list[str]]:
+    """(config, overrides): argparse gives the first positional to CONFIG even when it is an override
+    (`megaent train --resume RUN a=1`, or `megaent train a=1` with schema defaults)."""
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and (args.resume or ("=" in config and not Path(config).exists())):
+        config, overrides = None, [config, *overrides]
+    return config, overrides
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -31,16 +60,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
         for key, default, doc in field_docs():
             print(f"{key:42s} {default:>14s}  {doc}")
         return 0
+    config, overrides = _split_train_positionals(args)
     if args.resume:
+        if any(o.startswith("trainer.run_dir=") for o in overrides):
+            raise UserError(f"--resume {args.resume}: drop the trainer.run_dir override; a resumed run stays in "
+                            "its own directory (copy it first to branch off)")
         from megaent.trainer.run import resume
 
-        return resume(args.resume, overrides=args.overrides)
-    if not args.config:
-        raise UserError("megaent train: give a CONFIG file (e.g. configs/demo.yaml) or --resume RUN_DIR")
-    cfg = load_config(args.config, args.overrides)
+        return resume(args.resume, overrides=overrides)
+    if not config:
+        raise UserError("give a CONFIG file (e.g. megaent train configs/demo.yaml) or --resume RUN_DIR")
+    cfg = load_config(config, overrides)
     from megaent.trainer.run import train
 
-    return train(cfg, config_path=args.config)
+    return train(cfg, config_path=config)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -49,7 +82,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return serve_main(args.rest) or 0
 
 
+def _launched_world() -> int:
+    """Processes this command was started with: torchrun's WORLD_SIZE, srun's SLURM_NTASKS, else 1."""
+    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
+    if args.tp < 1 or args.pp < 1:
+        raise UserError(f"--tp {args.tp} --pp {args.pp}: both must be >= 1")
+    world, need = _launched_world(), args.tp * args.pp
+    if world % need:
+        raise UserError(f"--tp {args.tp} --pp {args.pp} needs a multiple of {need} processes, this is {world}; "
+                        f"run it as `torchrun --nproc-per-node {need} -m megaent.cli convert {args.src} "
+                        f"{args.dst} --tp {args.tp} --pp {args.pp}` (or drop --tp/--pp for one process)")
     from megaent.model.convert import convert
 
     convert(args.src, args.dst, tp=args.tp, pp=args.pp, to=args.to)
@@ -57,41 +105,73 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from megaent.slurm.submit import main as submit_main
+    from megaent.slurm.submit import run as submit_run
 
-    return submit_main(args.rest) or 0
+    return submit_run(args)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from megaent.trainer.evaluate import main as eval_main
+    from megaent.trainer.evaluate import run_args as eval_run
 
-    return eval_main(args.rest) or 0
+    return eval_run(args)
+
+
+def _run_dirs(paths: Sequence[str]) -> list[str]:
+    """The run directories among `paths`: a shell glob such as `runs/demo/*_seed*` also matches the runs'
+    `.log` files, which are skipped with a note; a path that does not exist, or no directory at all, is an
+    error."""
+    missing = [x for x in paths if not os.path.exists(x)]
+    if missing:
+        raise UserError(f"{missing[0]}: no such run directory")
+    dirs = [x for x in paths if os.path.isdir(x)]
+    if not dirs:
+        raise UserError(f"{paths[0]}: not a run directory; pass directories written by `megaent train`")
+    no_metrics = [d for d in dirs if not os.path.isfile(os.path.join(d, "metrics.jsonl"))]
+    if no_metrics:
+        raise UserError(f"{no_metrics[0]}: no metrics.jsonl; pass run directories written by `megaent train`")
+    if len(dirs) < len(paths):
+        skipped = [x for x in paths if not os.path.isdir(x)]
+        print(f"megaent: skipping {len(skipped)} file(s) that are not run directories "
+              f"({', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''})", file=sys.stderr)
+    return dirs
 
 
 def _cmd_fit_law(args: argparse.Namespace) -> int:
     from megaent.trainer.law import fit_law_cli
 
-    return fit_law_cli(args.run_dirs, early_fraction=args.early_fraction, out=args.out)
+    return fit_law_cli(_run_dirs(args.run_dirs), early_fraction=args.early_fraction, out=args.out)
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
     from megaent.trainer.plots import plot_runs
 
-    path = plot_runs(args.run_dirs, out=args.out)
+    path = plot_runs(_run_dirs(args.run_dirs), out=args.out)
     print(path)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megaent", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The top-level parser; `parser.verbs` maps each verb to its subparser (see `parse`)."""
+    raw = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="megaent", description=__doc__, formatter_class=raw)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="verb", metavar="VERB")
 
-    t = sub.add_parser("train", help="run RL training", description="Run RL from a YAML config with dotted "
-                       "key=value overrides, e.g. `megaent train configs/demo.yaml algorithm.policy_loss=clip_cov`.")
+    t = sub.add_parser("train", help="run RL training", formatter_class=raw, description="""\
+Run RL from a YAML config with dotted key=value overrides (applied left to right after the YAML), or
+continue a run from its latest complete checkpoint.
+
+  megaent train configs/demo.yaml trainer.steps=4 trainer.run_dir=runs/try
+  megaent train --resume runs/try trainer.steps=6     # same run dir; overrides apply on top of its config
+  megaent train --help-config | grep clip_cov         # every key, its default and meaning
+  torchrun --nproc-per-node 2 -m megaent.cli train configs/demo.yaml parallel.tp=2 trainer.steps=2 trainer.run_dir=runs/tp2
+
+A run directory holds config.yaml, metrics.jsonl (one JSON row per step), checkpoints/ and, at the end,
+hf_final/ (a HuggingFace export). --resume continues at the step after its latest complete checkpoint.""")
     t.add_argument("config", nargs="?", help="YAML config (configs/*.yaml)")
     t.add_argument("overrides", nargs="*", help="dotted overrides key=value (see --help-config)")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest complete checkpoint")
+    t.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue RUN_DIR from its latest complete checkpoint (its config.yaml + overrides)")
     t.add_argument("--help-config", action="store_true", help="list every config key with default and meaning")
     t.set_defaults(fn=_cmd_train)
 
@@ -99,44 +179,85 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(fn=_cmd_serve)
 
-    c = sub.add_parser("convert", help="convert between HF and megaent checkpoints",
-                       description="SRC and DST are HF directories or megaent checkpoint directories "
-                       "(a run's checkpoints/step_N); the direction follows from SRC.")
-    c.add_argument("src")
-    c.add_argument("dst")
+    c = sub.add_parser("convert", help="convert between HF and megaent checkpoints", formatter_class=raw,
+                       description="""\
+SRC and DST are HF directories (config.json + safetensors) or megaent checkpoint directories (a run's
+checkpoints/step_N); the direction follows from SRC. A TP x PP layout needs TP*PP processes:
+
+  megaent convert runs/try/hf_final runs/try/as_megaent       # HF -> megaent, one process
+  megaent convert runs/try/as_megaent runs/try/hf_again       # megaent -> HF
+  torchrun --nproc-per-node 4 -m megaent.cli convert HF_DIR OUT_DIR --tp 2 --pp 2""")
+    c.add_argument("src", help="HF directory or megaent checkpoint directory")
+    c.add_argument("dst", help="output directory")
     c.add_argument("--tp", type=int, default=1, help="tensor-parallel layout to load through (default 1)")
     c.add_argument("--pp", type=int, default=1, help="pipeline-parallel layout to load through (default 1)")
     c.add_argument("--to", choices=["hf", "megaent"], default=None,
                    help="target format (default: the other one; --to hf on a HF source is a round trip)")
     c.set_defaults(fn=_cmd_convert)
 
-    sb = sub.add_parser("submit", help="render and submit the Slurm job", add_help=False)
-    sb.add_argument("rest", nargs=argparse.REMAINDER)
+    from megaent.slurm.submit import add_arguments as submit_arguments, __doc__ as submit_doc
+    from megaent.trainer.evaluate import add_arguments as eval_arguments, __doc__ as eval_doc
+
+    sb = sub.add_parser("submit", help="render and submit the Slurm job", description=submit_doc,
+                        formatter_class=raw)
+    submit_arguments(sb)
     sb.set_defaults(fn=_cmd_submit)
 
-    e = sub.add_parser("eval", help="pass@1 / pass@k evaluation", add_help=False)
-    e.add_argument("rest", nargs=argparse.REMAINDER)
+    e = sub.add_parser("eval", help="pass@1 / pass@k evaluation", description=eval_doc, formatter_class=raw)
+    eval_arguments(e)
     e.set_defaults(fn=_cmd_eval)
 
-    f = sub.add_parser("fit-law", help="fit the entropy-performance law R = -a exp(H) + b")
-    f.add_argument("run_dirs", nargs="+")
+    f = sub.add_parser("fit-law", help="fit the entropy-performance law R = -a exp(H) + b", formatter_class=raw,
+                       description="""\
+Fit R = -a exp(H) + b (Cui et al. 2025, Eq. 1) to each run's (entropy, reward) per step from metrics.jsonl;
+print a, b, R^2 and the predicted ceiling R(H=0) = b - a, write RUN_DIR/entropy_law.json and a PNG.
+
+  megaent fit-law runs/try
+  megaent fit-law runs/demo/grpo_seed0 runs/demo/grpo_seed1 --out law.png""")
+    f.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (files are skipped)")
     f.add_argument("--early-fraction", type=float, default=0.25, help="fit on this first fraction, predict the rest")
     f.add_argument("--out", default=None, help="PNG path (default RUN_DIR/entropy_law.png)")
     f.set_defaults(fn=_cmd_fit_law)
 
-    pl = sub.add_parser("plot", help="entropy, reward and covariance curves of runs in one PNG")
-    pl.add_argument("run_dirs", nargs="+")
+    pl = sub.add_parser("plot", help="entropy, reward and covariance curves of runs in one PNG",
+                        formatter_class=raw, description="""\
+Curves of entropy, reward, covariance and response length per step, and reward against entropy with the
+fitted law, for one or more runs. Directories named NAME_seedN are drawn as one method (mean and min-max
+band over seeds); files among the arguments (a glob's .log files) are skipped.
+
+  megaent plot runs/try
+  megaent plot runs/demo/*_seed* --out runs/demo/curves.png""")
+    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (files are skipped)")
     pl.add_argument("--out", default=None, help="PNG path (default FIRST_RUN_DIR/curves.png)")
     pl.set_defaults(fn=_cmd_plot)
+    p.verbs = sub.choices  # type: ignore[attr-defined]
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from megaent.config import ConfigError
-    from megaent.model.backends import BackendError
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """Parse `megaent [-v] VERB ...` with the verb's options and positionals in any order.
 
+    argparse's plain subparser parse stops taking positionals after the first option
+    (`megaent submit CONFIG --nodes 2 key=value` would reject key=value), so the verb's own parser
+    parses its words with `parse_intermixed_args`.
+    """
+    argv = list(argv)
+    i = next((k for k, a in enumerate(argv) if not a.startswith("-")), len(argv))
+    verbs = parser.verbs  # type: ignore[attr-defined]
+    if i == len(argv) or argv[i] not in verbs:
+        return parser.parse_args(argv)  # help, no verb, or an unknown verb: argparse's own messages
+    ns = parser.parse_args(argv[:i])
+    ns.verb = argv[i]
+    verb = verbs[argv[i]]
+    try:
+        return verb.parse_intermixed_args(argv[i + 1:], ns)
+    except TypeError:  # a parser intermixed parsing cannot handle (e.g. REMAINDER): the plain parse
+        return verb.parse_args(argv[i + 1:], ns)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     fn: Optional[Callable[[argparse.Namespace], int]] = getattr(args, "fn", None)
@@ -145,7 +266,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_USAGE
     try:
         return fn(args)
-    except (ConfigError, UserError, BackendError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+    except BrokenPipeError:
+        # `megaent train --help-config | head`: the reader left; end quietly as `cat` would (128 + SIGPIPE),
+        # with stdout pointed at /dev/null so the interpreter's final flush cannot raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except Exception as exc:
+        if not isinstance(exc, _user_errors()):
+            raise
         print(f"megaent {args.verb}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 

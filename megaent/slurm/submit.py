@@ -2,7 +2,9 @@
 
     megaent submit CONFIG [key=value ...] --nodes N --gpus-per-node G [--rollout-nodes M]
                    [--partition P] [--account A] [--time T] [--job-name NAME] [--run-dir DIR] [--dry-run]
-    megaent submit configs/demo.yaml --gpus-per-node 0 --tasks-per-node 2 --time 10   # CPU (gloo) job
+
+    megaent submit configs/qwen2.5-7b-clip-cov.yaml --nodes 4 --gpus-per-node 8 --rollout-nodes 2 --dry-run
+    megaent submit configs/demo.yaml --gpus-per-node 0 --tasks-per-node 2 --time 10 --dry-run   # CPU (gloo)
 
 Defaults come from the config's `slurm` section; flags override it. The run
 directory (trainer.run_dir, or runs/<config>-<time>) is fixed here, so every
@@ -33,9 +35,8 @@ _FLAG_KEYS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megaent submit", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of `megaent submit` (also used by megaent.cli's subparser)."""
     p.add_argument("config", help="YAML config (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, passed to every start of the trainer")
     p.add_argument("--nodes", type=int, help="training nodes (slurm.nodes)")
@@ -52,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--entrypoint", default="",
                    help="command that takes `CONFIG key=value ...` instead of `PYTHON -m megaent.cli train`")
     p.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megaent submit", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
     return p
 
 
@@ -63,11 +70,12 @@ def _run_dir(arg: Optional[str], from_config: str, config_path: Path) -> Path:
     return (Path("runs") / f"{config_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
 
 
-def prepare(argv: Sequence[str]) -> tuple[argparse.Namespace, Path, str]:
-    """Parse, load the config with the flags merged in, render: (args, run_dir, script)."""
+def prepare(argv: Sequence[str] | argparse.Namespace) -> tuple[argparse.Namespace, Path, str]:
+    """Parse (unless given parsed args), load the config with the flags merged in, render:
+    (args, run_dir, script)."""
     from megaent.config import load_config
 
-    args = build_parser().parse_intermixed_args(list(argv))
+    args = argv if isinstance(argv, argparse.Namespace) else build_parser().parse_intermixed_args(list(argv))
     # Strings go in double-quoted: unquoted, YAML 1.1 reads `--time 1:00:00` as the integer 3600.
     flag_overrides = [f"{key}={json.dumps(v) if isinstance(v, str) else v}" for name, key in _FLAG_KEYS.items()
                       if (v := getattr(args, name)) is not None]
@@ -92,12 +100,12 @@ def submit_script(script_path: Path) -> str:
     return proc.stdout.strip().split(";")[0]  # "id" or "id;cluster"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Render and submit (or print, with --dry-run) for parsed arguments; 0, or 2 for a bad request."""
     from megaent.config import ConfigError
 
-    argv = sys.argv[1:] if argv is None else argv
     try:
-        args, run_dir, script = prepare(argv)
+        args, run_dir, script = prepare(args)
         if args.dry_run:
             print(script, end="")
             return 0
@@ -111,6 +119,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(job_id)
     print(f"megaent submit: job {job_id}, script {script_path}, logs {run_dir}/logs/", file=sys.stderr)
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    return run(build_parser().parse_intermixed_args(list(argv)))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """`megaent eval`: pass@1 and pass@k of a policy on a prompt set, with n samples per prompt.
 
-    megaent eval runs/demo/grpo                    a run directory (its hf_final export and config)
-    megaent eval HF_DIR --data prompts.jsonl       a HF checkpoint on a jsonl/parquet file
-    megaent eval configs/demo.yaml                 a config (its model.path, or the demo's warmed policy)
+    megaent eval RUN_DIR                        a run directory (its hf_final export and config)
+    megaent eval HF_DIR --data prompts.jsonl    a HF checkpoint on a jsonl/parquet file (data.* keys as in train)
+    megaent eval CONFIG                         a config (its model.path, or the demo's warmed policy)
+
+    megaent eval runs/try --prompts 8 --n 4     e.g. the run of `megaent train --help`
 
 pass@k uses the unbiased estimator of Chen et al. 2021 (arXiv 2107.03374): 1 - C(n-c, k) / C(n, k) per prompt,
 averaged. Runs in one process on the embedded engine; prints a table and one JSON line.
@@ -39,23 +41,41 @@ def _resolve(target: str, overrides: Sequence[str]):  # -> (Config, hf_dir)
                       "directory (config.json) or a YAML config")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="megaent eval", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The arguments of `megaent eval` (also used by megaent.cli's subparser)."""
     ap.add_argument("target", help="run directory, HF checkpoint directory, or YAML config")
-    ap.add_argument("overrides", nargs="*", help="config overrides key=value")
-    ap.add_argument("--data", help="prompt file (.jsonl/.parquet); default: the config's data section")
+    ap.add_argument("overrides", nargs="*", help="config overrides key=value, applied left to right after --data")
+    ap.add_argument("--data", help="prompt file (.jsonl/.parquet), shorthand for data.path=FILE; "
+                    "default: the config's data section")
     ap.add_argument("--n", type=int, default=8, help="samples per prompt (default 8)")
     ap.add_argument("--k", default="1,4", help="comma-separated k values for pass@k (each <= n)")
     ap.add_argument("--prompts", type=int, default=64, help="prompts to evaluate (default 64)")
     ap.add_argument("--temperature", type=float, default=None, help="default: rollout.temperature")
-    args = ap.parse_args(argv)
-    ks = [int(k) for k in args.k.split(",")]
+
+
+def eval_overrides(data: Optional[str], overrides: Sequence[str]) -> list[str]:
+    """The overrides eval applies on top of the target's config, in order: `--data` first (a shorthand),
+    then the user's key=value words left to right, as `megaent train` applies them (the last one wins)."""
+    return ([f"data.path={data}"] if data else []) + list(overrides)
+
+
+def run_args(args: argparse.Namespace) -> int:
+    """`megaent eval` for parsed arguments."""
+    try:
+        ks = [int(k) for k in args.k.split(",")]
+    except ValueError:
+        raise ConfigError(f"--k {args.k}: give comma-separated integers, e.g. --k 1,4") from None
     if any(k < 1 or k > args.n for k in ks):
         raise ConfigError(f"--k {args.k}: every k must be in [1, --n={args.n}]")
-    overrides = list(args.overrides) + ([f"data.path={args.data}"] if args.data else [])
-    cfg, hf_dir = _resolve(args.target, overrides)
+    cfg, hf_dir = _resolve(args.target, eval_overrides(args.data, args.overrides))
     return run_eval(cfg, hf_dir, n=args.n, ks=ks, prompts=args.prompts, temperature=args.temperature)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="megaent eval", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    return run_args(ap.parse_intermixed_args(argv))
 
 
 def run_eval(cfg, hf_dir: Optional[Path], *, n: int, ks: list[int], prompts: int,
