@@ -14,11 +14,9 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from megaent.config.errors import ConfigError
 from megaent.config.schema import Config
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration error; its message names the key and the fix."""
+from megaent.config.validate import validate
 
 
 def _all_keys(cls: type = Config, prefix: str = "") -> list[str]:
@@ -59,7 +57,9 @@ def _parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override `{text}`: expected key=value, e.g. optimizer.lr=1e-6")
     key, _, raw = text.partition("=")
     key = key.strip()
-    value = OmegaConf.create({"v": raw}).v if raw == "" else OmegaConf.from_dotlist([f"v={raw}"]).v
+    if raw == "":
+        return key, ""
+    value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={raw}"]), resolve=False)["v"]  # `${...}` kept
     return key, value
 
 
@@ -76,6 +76,8 @@ def _yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, Dic
         raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
+    if not loaded:  # an empty file would silently train on the schema defaults
+        raise ConfigError(f"{path}: the file is empty; give at least one section (e.g. `trainer: {{steps: 10}}`)")
     base = loaded.pop("base", None)
     if base is None:
         return [(path, loaded)]
@@ -109,16 +111,58 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             if not getattr(exc, "full_key", None):
                 exc.full_key = key  # type: ignore[attr-defined]
             raise _error_from(exc, f"override `{text}`") from None
-    obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-    from megaent.config.validate import validate
+    return _to_config(cfg)
 
+
+_UNRESOLVED = "_megaent_unresolved"  # instance attribute: {dotted key: (interpolation text, value it resolved to)}
+
+
+def _interpolations(node: DictConfig, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key in node.keys():
+        name = f"{prefix}{key}"
+        if OmegaConf.is_interpolation(node, key):
+            out[name] = node._get_node(key)._value()  # the `${...}` text itself
+        elif isinstance(node._get_node(key), DictConfig):
+            out.update(_interpolations(node[key], name + "."))
+    return out
+
+
+def _to_config(cfg: DictConfig) -> Config:
+    """Resolve and validate; remember which keys were `${...}` interpolations, so that `to_yaml` writes them back
+    unresolved (an `${oc.env:TOKEN}` must not land in clear in a run directory)."""
+    exprs = _interpolations(cfg)
+    try:
+        obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", "") or ""
+        raise ConfigError(f"{key}={exprs.get(key, '?')}: {str(exc).splitlines()[0]}; set the variable or give a "
+                          "default, e.g. ${oc.env:VAR,default}") from None
     validate(obj)
+    resolved = {k: OmegaConf.select(OmegaConf.structured(obj), k) for k in exprs}
+    setattr(obj, _UNRESOLVED, {k: (exprs[k], resolved[k]) for k in exprs})
     return obj
 
 
 def to_yaml(cfg: Config) -> str:
-    """The resolved config as YAML (what a run directory's config.yaml holds)."""
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The config as YAML (what a run directory's config.yaml holds): values as resolved, except that a key
+    loaded from a `${...}` interpolation, and not changed since, keeps the interpolation text."""
+    node = OmegaConf.structured(cfg)
+    for key, (expr, value) in getattr(cfg, _UNRESOLVED, {}).items():
+        if OmegaConf.select(node, key) == value:
+            OmegaConf.update(node, key, expr, merge=False)
+    return OmegaConf.to_yaml(node)
+
+
+def unresolved(text: str, *, source: str) -> dict[str, Any]:
+    """A config YAML as a plain dict, interpolations kept as text (to compare two copies of a run's config)."""
+    try:
+        loaded = OmegaConf.create(text)
+    except Exception as exc:
+        raise ConfigError(f"{source}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(loaded, DictConfig) or not loaded:
+        raise ConfigError(f"{source}: empty or not a mapping of config sections")
+    return OmegaConf.to_container(loaded, resolve=False)  # type: ignore[return-value]
 
 
 def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -75,7 +75,10 @@ class RewardConfig:
     timeout_s: float = 5.0
     """Per-sample verification timeout; a timeout scores 0 and is counted."""
     workers: int = 2
-    """Verifier process-pool size."""
+    """Verifier process-pool size; 0 = in-process for the synthetic checker (math still gets one process, since
+    only a process can be stopped at its deadline)."""
+    worker_memory_gib: float = 4.0
+    """Address-space cap of each verifier process (RLIMIT_AS); a sample past it scores 0 and counts as an error."""
     format_reward: float = 0.0
     """Reward added when the answer is in the expected format (0 = off)."""
 
@@ -205,6 +208,8 @@ class TrainerConfig:
     """Steps between checkpoints (0 = only at the end and on signals)."""
     keep_last: int = 2
     """Checkpoints kept on disk."""
+    verify_checkpoints: bool = True
+    """Check every checkpoint file's SHA-256 digest before a resume loads it (false = skip, for speed)."""
     dynamics_every: int = 1
     """Steps between entropy-dynamics diagnostics (predicted vs measured entropy change; 0 = off)."""
     samples_to_log: int = 4

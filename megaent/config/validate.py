@@ -1,50 +1,141 @@
 """Range and consistency checks that types alone cannot express.
 
-Each message names the key, the bad value and the fix.
+`RULES` holds one range check per numeric key (and the few string keys with a shape), `_consistency` the checks
+that relate keys; every float must also be finite (`inf`/`nan` never reach a run). Keys without a rule take any
+value of their type (OmegaConf checks the type, `Literal` keys their choices) or are checked where they are used
+(paths by `megaent.trainer.run.preflight`). Each message names the key, the bad value and the fix.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
+from typing import Any, Callable
+
+from megaent.config.errors import ConfigError
 from megaent.config.schema import Config
+
+Rule = tuple[Callable[[Any], bool], str]
+
+
+def _at_least(n: int | float, why: str = "") -> Rule:
+    return (lambda v: v >= n), f"must be >= {n}{why}"
+
+
+def _positive(why: str = "") -> Rule:
+    return (lambda v: v > 0), f"must be > 0{why}"
+
+
+def _unit(lo_open: bool, hi_open: bool, why: str = "") -> Rule:
+    lo, hi = ("(" if lo_open else "["), (")" if hi_open else "]")
+    return ((lambda v: (v > 0 if lo_open else v >= 0) and (v < 1 if hi_open else v <= 1)),
+            f"must be in {lo}0, 1{hi}{why}")
+
+
+RULES: dict[str, Rule] = {
+    "model.demo_warmup_steps": _at_least(0, " (0 = RL from the random tiny policy)"),
+    "parallel.tp": _at_least(1),
+    "parallel.pp": _at_least(1),
+    "parallel.timeout_s": _at_least(1, " seconds; the default is 1800"),
+    "data.task_max_digits": _at_least(1),
+    "data.prompt_key": ((lambda v: bool(v)), "must name the prompt field of the data file"),
+    "data.answer_key": ((lambda v: bool(v)), "must name the answer field of the data file"),
+    "data.max_prompt_len": _at_least(1, " tokens"),
+    "reward.timeout_s": _positive(" seconds; the default is 5"),
+    "reward.workers": ((lambda v: 0 <= v <= 256), "must be in [0, 256] (0 = in-process where the verifier allows)"),
+    "reward.worker_memory_gib": _positive(" GiB; the default is 4"),
+    "reward.format_reward": _at_least(0, " (0 = off)"),
+    "rollout.urls": ((lambda v: all(u.startswith(("http://", "https://")) for u in v)),
+                     "each URL must start with http:// or https://, e.g. [http://127.0.0.1:30000]"),
+    "rollout.n_samples": _at_least(1, "; GRPO needs >= 2"),
+    "rollout.temperature": _positive("; the paper uses 1.0"),
+    "rollout.top_p": _unit(True, False),
+    "rollout.top_k": ((lambda v: v == -1 or v >= 1), "must be -1 (off) or >= 1"),
+    "rollout.max_new_tokens": _at_least(1),
+    "rollout.reuse_forward_max_gib": _at_least(0),
+    "rollout.request_timeout_s": _positive(" seconds; the default is 600"),
+    "rollout.sglang_mem_fraction": _unit(True, True, "; SGLang's default is 0.8"),
+    "rollout.sglang_tp": _at_least(1),
+    "algorithm.clip_ratio_low": ((lambda v: 0 <= v < 1), "must be in [0, 1); usually 0.2"),
+    "algorithm.clip_ratio_high": _at_least(0, "; usually 0.2 or 0.28"),
+    "algorithm.dual_clip_c": ((lambda v: v is None or v > 1), "must be > 1 (e.g. 3.0) or null to disable"),
+    "algorithm.clip_cov_ratio": ((lambda v: 0 < v <= 0.1),
+                                 "must be in (0, 0.1]; the paper uses 2e-4 (tiny CPU demos need ~1e-2 to touch any "
+                                 "token)"),
+    "algorithm.kl_cov_ratio": ((lambda v: 0 < v <= 0.1), "must be in (0, 0.1]; the paper uses 2e-3 (7B) or 2e-4 (32B)"),
+    "algorithm.kl_cov_coef": _at_least(0, "; the paper uses 1"),
+    "algorithm.entropy_coef": _at_least(0, " (0 = off, as in the paper)"),
+    "algorithm.kl_coef": _at_least(0, " (0 = off, as in the paper)"),
+    "algorithm.group_filter_max_tries": _at_least(1),
+    "optimizer.lr": _positive("; the paper uses 5e-7 (7B) or 1e-6 (32B)"),
+    "optimizer.weight_decay": _at_least(0),
+    "optimizer.beta1": _unit(False, True, "; usually 0.9"),
+    "optimizer.beta2": _unit(False, True, "; usually 0.999"),
+    "optimizer.eps": _positive("; usually 1e-8"),
+    "optimizer.grad_clip": _at_least(0, " (0 disables clipping)"),
+    "optimizer.warmup_steps": _at_least(0),
+    "optimizer.min_lr_ratio": _unit(False, False),
+    "trainer.steps": _at_least(1),
+    "trainer.seed": _at_least(0),
+    "trainer.prompts_per_step": _at_least(1),
+    "trainer.mini_batch_size": _at_least(1),  # divides prompts_per_step: _consistency
+    "trainer.ppo_epochs": _at_least(1),
+    "trainer.max_tokens_per_micro_batch": _at_least(1),
+    "trainer.checkpoint_every": _at_least(0, " (0 = only at the end and on signals)"),
+    "trainer.keep_last": _at_least(1),
+    "trainer.dynamics_every": _at_least(0, " (0 = off)"),
+    "trainer.samples_to_log": _at_least(0),
+    "trainer.export_hf_every": _at_least(0, " (0 = only at the end)"),
+    "trainer.threads": _at_least(0, " (0 = torch's default)"),
+    "slurm.nodes": _at_least(1),
+    "slurm.gpus_per_node": _at_least(0, " (0 = CPU tasks)"),
+    "slurm.tasks_per_node": _at_least(0),
+    "slurm.rollout_nodes": _at_least(0),
+    "slurm.job_name": ((lambda v: bool(v) and not any(c.isspace() for c in v)), "must be a non-empty word"),
+    "slurm.signal_before_s": _at_least(0),
+    "slurm.rollout_port": ((lambda v: 1 <= v <= 65535), "must be a TCP port in [1, 65535]"),
+    "slurm.rollout_wait_s": _at_least(1, " seconds"),
+    "slurm.extra_sbatch": ((lambda v: all(str(x).startswith("-") for x in v)),
+                           "each entry must be one sbatch option, e.g. [\"--qos=high\"]"),
+}
 
 
 def _check(ok: bool, key: str, value: object, fix: str) -> None:
-    from megaent.config.load import ConfigError
-
     if not ok:
         raise ConfigError(f"{key}={value!r}: {fix}")
 
 
-def validate(cfg: Config) -> None:
-    a, o, t, r, p = cfg.algorithm, cfg.optimizer, cfg.trainer, cfg.rollout, cfg.parallel
-    _check(p.tp >= 1, "parallel.tp", p.tp, "must be >= 1")
-    _check(p.pp >= 1, "parallel.pp", p.pp, "must be >= 1")
-    _check(0 < a.clip_cov_ratio <= 0.1, "algorithm.clip_cov_ratio", a.clip_cov_ratio,
-           "must be in (0, 0.1]; the paper uses 2e-4 (tiny CPU demos need ~1e-2 to touch any token)")
+def leaves(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of every leaf field of a config dataclass instance."""
+    out: list[tuple[str, Any]] = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out.extend(leaves(value, f"{prefix}{f.name}."))
+        else:
+            out.append((prefix + f.name, value))
+    return out
+
+
+def _consistency(cfg: Config) -> None:
+    a, t, r, p = cfg.algorithm, cfg.trainer, cfg.rollout, cfg.parallel
     _check(a.clip_cov_lb < a.clip_cov_ub, "algorithm.clip_cov_lb", a.clip_cov_lb,
            f"must be below algorithm.clip_cov_ub={a.clip_cov_ub}; the paper uses 1 and 5")
-    _check(0 < a.kl_cov_ratio <= 0.1, "algorithm.kl_cov_ratio", a.kl_cov_ratio,
-           "must be in (0, 0.1]; the paper uses 2e-3 (7B) or 2e-4 (32B)")
-    _check(a.kl_cov_coef >= 0, "algorithm.kl_cov_coef", a.kl_cov_coef, "must be >= 0; the paper uses 1")
-    _check(0 <= a.clip_ratio_low < 1, "algorithm.clip_ratio_low", a.clip_ratio_low, "must be in [0, 1); usually 0.2")
-    _check(a.clip_ratio_high >= 0, "algorithm.clip_ratio_high", a.clip_ratio_high, "must be >= 0; usually 0.2 or 0.28")
-    _check(a.dual_clip_c is None or a.dual_clip_c > 1, "algorithm.dual_clip_c", a.dual_clip_c,
-           "must be > 1 (e.g. 3.0) or null to disable")
-    _check(o.lr > 0, "optimizer.lr", o.lr, "must be > 0; the paper uses 5e-7 (7B) or 1e-6 (32B)")
-    _check(o.grad_clip >= 0, "optimizer.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
-    _check(r.n_samples >= 1, "rollout.n_samples", r.n_samples, "must be >= 1; GRPO needs >= 2")
-    _check(r.temperature > 0, "rollout.temperature", r.temperature, "must be > 0; the paper uses 1.0")
-    _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "must be in (0, 1]")
-    _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, "must be >= 1")
     _check(r.engine != "http" or bool(r.urls), "rollout.urls", r.urls,
            "rollout.engine=http needs at least one server URL, e.g. rollout.urls=[http://127.0.0.1:30000]")
-    _check(t.steps >= 1, "trainer.steps", t.steps, "must be >= 1")
-    _check(t.prompts_per_step >= 1, "trainer.prompts_per_step", t.prompts_per_step, "must be >= 1")
-    _check(t.mini_batch_size >= 1 and t.prompts_per_step % t.mini_batch_size == 0, "trainer.mini_batch_size",
-           t.mini_batch_size, f"must divide trainer.prompts_per_step={t.prompts_per_step}")
-    _check(t.ppo_epochs >= 1, "trainer.ppo_epochs", t.ppo_epochs, "must be >= 1")
-    _check(t.max_tokens_per_micro_batch >= 1, "trainer.max_tokens_per_micro_batch",
-           t.max_tokens_per_micro_batch, "must be >= 1")
-    _check(t.keep_last >= 1, "trainer.keep_last", t.keep_last, "must be >= 1")
+    _check(t.prompts_per_step % t.mini_batch_size == 0, "trainer.mini_batch_size", t.mini_batch_size,
+           f"must divide trainer.prompts_per_step={t.prompts_per_step}")
     layers = cfg.model.pipeline_layers
     _check(layers is None or (len(layers) == p.pp and all(n >= 1 for n in layers)), "model.pipeline_layers",
            layers, f"needs parallel.pp={p.pp} entries, each >= 1 (or null for an even split)")
+
+
+def validate(cfg: Config) -> None:
+    """Raise `ConfigError` for the first out-of-range, non-finite or inconsistent value."""
+    for key, value in leaves(cfg):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r}: must be a finite number")
+        rule = RULES.get(key)
+        if rule is not None:
+            ok, fix = rule
+            _check(ok(value), key, value, fix)
+    _consistency(cfg)
