@@ -2,13 +2,16 @@
 # A one-node Slurm cluster on this machine, for testing megaent's batch jobs.
 #
 #   slurm/local_cluster.sh [start]   install (apt) + configure + start; waits until the node is idle
-#   slurm/local_cluster.sh stop      stop slurmd, slurmctld, munged (started by this script)
+#   slurm/local_cluster.sh stop [DAEMON ...]   stop slurmd, slurmctld, munged (or only those named)
 #   slurm/local_cluster.sh status    print sinfo / daemon state; exit 0 when the node is usable
 #
 # Idempotent: `start` on a running cluster with the same slurm.conf returns at once; a changed
-# config restarts the daemons. Needs root (apt-get, /etc/slurm, daemons run as root).
+# config restarts the daemons. Needs root (apt-get, /etc/slurm, daemons run as root). What it changes on
+# the machine: the slurm-wlm and munge packages, /etc/slurm/slurm.conf, /etc/munge/munge.key, state under
+# $STATE_DIR and logs under $LOG_DIR, and the three daemons (left running until `stop`; tools/test.sh
+# stops the ones it started).
 #
-# Settings that matter for tests (see /work/shared/notes/slurm-local.md):
+# Settings that matter for tests:
 # - NodeAddr=127.0.0.1: no host-name lookups between the daemons.
 # - CPUs=$MEGAENT_SLURM_CPUS (default 8) on a 2-core machine plus OverSubscribe=FORCE:
 #   several small gloo jobs may share the cores.
@@ -179,11 +182,13 @@ start() {
   exit 1
 }
 
-stop() {
-  stop_daemon slurmd
-  stop_daemon slurmctld
-  stop_daemon munged
-  log "stopped"
+stop() {  # [DAEMON ...]: the named ones (slurmd, slurmctld, munged), default all three, in that order
+  local names=("$@") d
+  [ ${#names[@]} -eq 0 ] && names=(slurmd slurmctld munged)
+  for d in "${names[@]}"; do
+    case "$d" in slurmd|slurmctld|munged) stop_daemon "$d" ;; *) log "stop: unknown daemon $d"; exit 2 ;; esac
+  done
+  log "stopped ${names[*]}"
 }
 
 status() {
@@ -196,7 +201,7 @@ status() {
 
 case "${1:-start}" in
   start) start ;;
-  stop) stop ;;
+  stop) shift; stop "$@" ;;
   status) status ;;
   *) echo "usage: $0 [start|stop|status]" >&2; exit 2 ;;
 esac

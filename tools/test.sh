@@ -1,7 +1,46 @@
 #!/usr/bin/env bash
-# Set up (install megaent with its test extra) and run the whole test suite on CPU.
+# The whole test suite on CPU, as CI runs it (.ci/run). About 25 min on a 2-core machine. It
+#  1. installs megaent with its test extra and the exact CPU torch build: pip install -e '.[cpu,test]';
+#  2. enables the real-Slurm tests (MEGAENT_SLURM_TESTS=1, tests/test_slurm_cluster.py). As root these run
+#     slurm/local_cluster.sh start: apt-get install slurm-wlm munge, write /etc/slurm/slurm.conf and
+#     /etc/munge/munge.key, start munged, slurmctld and slurmd (one node on 127.0.0.1). Not root: they skip.
+#  3. runs pytest, and on exit (pass, fail or Ctrl-C) stops every Slurm daemon that was not already running
+#     when it began.
+# MEGAENT_SLURM_TESTS=0 bash tools/test.sh: no Slurm (nothing installed but pip packages, no daemons).
+# Extra arguments go to pytest: bash tools/test.sh tests/test_cli_help.py -x
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install -q -e '.[test]'
+python -m pip install -q -e '.[cpu,test]'
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
-exec python -m pytest -q "$@"
+export MEGAENT_SLURM_TESTS=${MEGAENT_SLURM_TESTS:-1}
+
+DAEMONS=(slurmd slurmctld munged)  # stop order
+running() { pgrep -x "$1" > /dev/null 2>&1; }
+before=()
+for d in "${DAEMONS[@]}"; do running "$d" && before+=("$d"); done
+
+stop_started() {
+  local d started=()
+  for d in "${DAEMONS[@]}"; do
+    if running "$d" && [[ " ${before[*]} " != *" $d "* ]]; then started+=("$d"); fi
+  done
+  if [ ${#started[@]} -gt 0 ]; then
+    echo "tools/test.sh: stopping the Slurm daemons this run started: ${started[*]}" >&2
+    bash slurm/local_cluster.sh stop "${started[@]}" || true
+  fi
+}
+trap stop_started EXIT
+
+if [ "$MEGAENT_SLURM_TESTS" = 1 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "tools/test.sh: real-Slurm tests on: they install slurm-wlm/munge (apt) and start a local cluster;" \
+         "stopped again at the end (MEGAENT_SLURM_TESTS=0 to skip them)" >&2
+  else
+    echo "tools/test.sh: not root: the real-Slurm tests will skip" >&2
+  fi
+fi
+start=$SECONDS
+rc=0
+python -m pytest -q "$@" || rc=$?
+echo "tools/test.sh: pytest exit $rc after $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s" >&2
+exit "$rc"
