@@ -1,133 +1,260 @@
-"""The SGLang HTTP wire format megaent speaks: parse `/generate` bodies, format responses.
+"""SGLang's native `/generate` wire format: parse and bound a request body, format the answer.
 
-Checked against SGLang's own source (sgl-project/sglang, python/sglang/srt/):
-- entrypoints/http_server.py: `/generate` takes a `GenerateReqInput`; `/health`
-  and `/health_generate` answer 200 / 503; `/get_model_info` returns
-  `model_path, tokenizer_path, is_generation, preferred_sampling_params,
-  weight_version`; `/update_weights_from_disk` returns `{"success", "message",
-  "num_paused_requests"}` with 200 or 400; `/flush_cache` answers plain text;
-  request-validation errors are 400 with an `ErrorResponse` body
-  `{"object": "error", "message", "type": "Bad Request", "param", "code": 400}`.
-- managers/io_struct.py `GenerateReqInput`: `text` or `input_ids` (one prompt or
-  a list), `sampling_params`, `return_logprob`, `logprob_start_len`,
-  `top_logprobs_num`, `return_text_in_logprobs`, `stream`, `rid`;
-  `UpdateWeightFromDiskReqInput`: `model_path`, `load_format`,
-  `abort_all_requests`, `weight_version`.
-- sampling/sampling_params.py: `max_new_tokens, temperature, top_p, top_k,
-  stop_token_ids, n, ignore_eos, sampling_seed, skip_special_tokens, no_stop_trim`
-  (unknown keys make SamplingParams(**d) fail).
-- managers/tokenizer_manager.py `_handle_batch_request`: with n > 1 (or a list
-  input) the response is a flat list, prompt-major (all n samples of prompt 0,
-  then prompt 1, ...); `meta_info.output_token_logprobs` is a list of
-  `[logprob, token_id, token_text_or_None]`; managers/schedule_batch.py
-  finish reasons are `{"type": "stop", "matched": id}` / `{"type": "length",
-  "length": n}`; `output_ids` keep the matched stop token, `text` drops it
-  unless `no_stop_trim`.
-Not implemented (400 when set to a non-default value): penalties, min_p,
-string stops, grammars, streaming, top log-probs, input-token log-probs.
+Read against SGLang 0.5.23 (python/sglang/srt/): `managers/io_struct.py`
+`GenerateReqInput` (text | input_ids, one prompt or a list; `sampling_params` a
+dict or one dict per prompt; `rid`; `return_logprob`, `logprob_start_len`
+(-1 = output tokens only), `top_logprobs_num`, `return_text_in_logprobs`,
+`stream`; a string `rid` of a batch becomes `rid_0, rid_1, ...`);
+`sampling/sampling_params.py` (defaults: max_new_tokens 128, temperature 1,
+top_k all; `verify()`'s ranges; at most 32 stop strings, 32 stop regexes of at
+most 256 bytes; `sampling_seed` in int64); `entrypoints/http_server.py`
+(validation errors are 400 `{"error": {"message"}}`); `managers/schedule_batch.py`
+(finish reasons `{"type": "stop", "matched": token id | stop string | regex}`,
+`{"type": "length", "length": n}`, `{"type": "abort", "message"}`).
+
+Where megaent departs (the engine samples with temperature / top-p / top-k and
+token stops only): stop strings, stop regexes and `min_new_tokens` are applied
+to the finished decode by `megaent.rollout.generation` (same results as SGLang
+for stop strings; `min_new_tokens` cannot forbid an early EOS, it only refuses
+to stop on it); penalties, `min_p`, a non-empty `logit_bias` and grammars
+(regex / json_schema / ebnf) are a 400 naming the field. Unknown top-level and
+sampling keys are ignored (logged at debug), as SGLang ignores fields it does
+not use; values of known fields are checked and a bad one is a 400 naming it.
+
+Input bounds (issue 21, point 8): the body is at most `MAX_BODY_BYTES`
+(aiohttp's client_max_size) and `MAX_DEPTH` levels deep; strings must be valid
+Unicode (no lone surrogates); every number is finite and in range; prompt +
+max_new_tokens must fit the context.
 """
 from __future__ import annotations
 
+import json
+import logging
+import math
+import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from megaent.rollout.types import Sample, SamplingParams
+from megaent.rollout.types import SamplingParams
+
+log = logging.getLogger(__name__)
+MAX_BODY_BYTES = 32 * 2**20
+MAX_DEPTH = 32
+MAX_ROWS = 4096  # prompts x n of one request
+MAX_STOP = 32
+MAX_STOP_REGEX_BYTES = 256
+INT64 = 2**63
+_NEUTRAL = {"min_p": 0.0, "frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0}
+_GRAMMARS = ("regex", "json_schema", "ebnf", "structural_tag")
 
 
 class BadRequest(ValueError):
-    """A request field megaent cannot accept; the message names the field and the fix."""
-
-
-_SAMPLING_KEYS = {"max_new_tokens", "temperature", "top_p", "top_k", "stop_token_ids", "n", "ignore_eos",
-                  "sampling_seed", "skip_special_tokens", "no_stop_trim", "spaces_between_special_tokens"}
-# SGLang keys accepted only at their neutral value.
-_NEUTRAL_SAMPLING = {"min_p": 0.0, "frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0,
-                     "min_new_tokens": 0, "stop": None, "json_schema": None, "regex": None, "ebnf": None,
-                     "structural_tag": None, "logit_bias": None, "custom_params": None, "stream_interval": None}
-_TOP_KEYS = {"text", "input_ids", "sampling_params", "return_logprob", "logprob_start_len", "top_logprobs_num",
-             "return_text_in_logprobs", "stream", "rid", "log_metrics", "token_ids_logprob", "lora_path",
-             "custom_logit_processor", "return_hidden_states", "bootstrap_host", "bootstrap_room", "priority"}
-
-
-@dataclass
-class GenerateRequest:
-    prompts: list[list[int]]
-    params: SamplingParams
-    single: bool  # one prompt and n == 1: the response is one object, not a list
-    return_logprob: bool
-    return_text_in_logprobs: bool
-    skip_special_tokens: bool
-    no_stop_trim: bool
+    """A request megaent cannot accept; the message names the field, the value and the fix."""
 
 
 def error_body(message: str, code: int = 400) -> dict:
-    """SGLang's ErrorResponse shape."""
+    """SGLang's `/generate` error body (http_server.py `_create_error_response`)."""
+    return {"error": {"message": message}}
+
+
+def openai_error_body(message: str, code: int = 400) -> dict:
+    """SGLang's OpenAI-route `ErrorResponse`."""
     return {"object": "error", "message": message, "type": "Bad Request" if code == 400 else "Internal Server Error",
             "param": None, "code": code}
 
 
-def _int(d: dict, key: str, default: int, *, prefix: str) -> int:
-    v = d.get(key, default)
+# ------------------------------------------------------------------ body bounds
+def loads_body(raw: bytes) -> Any:
+    """Bytes -> JSON value, refusing what is not JSON, too deep, or not valid Unicode (BadRequest)."""
+    try:
+        obj = json.loads(raw)
+    except RecursionError:
+        raise BadRequest(f"request body: JSON nested deeper than {MAX_DEPTH} levels") from None
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError, int past Python's digit limit
+        raise BadRequest(f"request body is not valid JSON ({e}); send a JSON object") from None
+    check_json(obj)
+    return obj
+
+
+def check_json(obj: Any) -> None:
+    """Depth <= MAX_DEPTH and no lone surrogates in any string (keys included); BadRequest names the path."""
+    stack: list[tuple[Any, str, int]] = [(obj, "body", 0)]
+    while stack:
+        v, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise BadRequest(f"{path}: JSON nested deeper than {MAX_DEPTH} levels")
+        if isinstance(v, str):
+            _check_str(v, path)
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                _check_str(k, f"{path} key")
+                stack.append((x, k if path == "body" else f"{path}.{k}", depth + 1))
+        elif isinstance(v, list):
+            stack.extend((x, f"{path}[{i}]", depth + 1) for i, x in enumerate(v))
+
+
+def _check_str(s: str, path: str) -> None:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRequest(f"{path}: contains a lone UTF-16 surrogate at index {e.start}; send valid Unicode") from None
+
+
+# ------------------------------------------------------------------ typed field readers
+def get_int(d: dict, key: str, default: Optional[int], *, where: str, lo: int, hi: int) -> Optional[int]:
+    v = d.get(key)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v:
-        raise BadRequest(f"{prefix}.{key}={v!r}: must be an integer")
-    return int(v)
+    if isinstance(v, float) and v.is_integer() and abs(v) < INT64:
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise BadRequest(f"{where}{key}={v!r}: must be an integer")
+    if not lo <= v <= hi:
+        raise BadRequest(f"{where}{key}={v}: must be in [{lo}, {hi}]")
+    return v
 
 
-def _float(d: dict, key: str, default: float, *, prefix: str) -> float:
-    v = d.get(key, default)
+def get_float(d: dict, key: str, default: float, *, where: str, lo: float, hi: float,
+              lo_open: bool = False) -> float:
+    v = d.get(key)
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise BadRequest(f"{prefix}.{key}={v!r}: must be a number")
-    return float(v)
+        raise BadRequest(f"{where}{key}={v!r}: must be a number")
+    v = float(v)
+    if not math.isfinite(v) or v > hi or v < lo or (lo_open and v == lo):
+        raise BadRequest(f"{where}{key}={v}: must be a finite number in {'(' if lo_open else '['}{lo}, {hi}]")
+    return v
 
 
-def parse_sampling_params(sp: Any) -> tuple[SamplingParams, bool, bool]:
-    """`sampling_params` dict -> (SamplingParams, skip_special_tokens, no_stop_trim); BadRequest names the key."""
-    if sp is None:
-        sp = {}
+def get_bool(d: dict, key: str, default: bool, *, where: str) -> bool:
+    v = d.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise BadRequest(f"{where}{key}={v!r}: must be true or false")
+    return v
+
+
+def _str_list(v: Any, key: str, *, where: str, limit: int) -> tuple[str, ...]:
+    if v is None:
+        return ()
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, list) or any(not isinstance(s, str) for s in items):
+        raise BadRequest(f"{where}{key}={v!r}: must be a string or a list of strings")
+    if len(items) > limit:
+        raise BadRequest(f"{where}{key}: {len(items)} entries; at most {limit} are allowed")
+    return tuple(s for s in items if s)
+
+
+# ------------------------------------------------------------------ sampling params
+@dataclass(frozen=True)
+class Options:
+    """What the server does around the engine for one prompt (see megaent.rollout.generation)."""
+
+    max_new_tokens: int = 128
+    """May be 0 (SGLang: prefill only, e.g. the frontend's prefix caching); the engine is then not called."""
+    min_new_tokens: int = 0
+    stop_strs: tuple[str, ...] = ()
+    stop_regex: tuple[str, ...] = ()
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    no_stop_trim: bool = False
+
+
+def parse_sampling_params(sp: Any, *, where: str = "sampling_params.", vocab_size: int
+                          ) -> tuple[SamplingParams, Options]:
+    """One SGLang `sampling_params` dict -> (engine SamplingParams, server Options); BadRequest names the key."""
+    sp = {} if sp is None else sp
     if not isinstance(sp, dict):
-        raise BadRequest(f"sampling_params: expected a JSON object, got {type(sp).__name__}")
-    for key, value in sp.items():
-        if key in _NEUTRAL_SAMPLING:
-            if value not in (_NEUTRAL_SAMPLING[key], None, [], ""):
-                raise BadRequest(f"sampling_params.{key}={value!r}: not supported by megaent serve; "
-                                 f"leave it at {_NEUTRAL_SAMPLING[key]!r} (or use SGLang)")
-        elif key not in _SAMPLING_KEYS:
-            raise BadRequest(f"sampling_params.{key}: unknown key; supported: {', '.join(sorted(_SAMPLING_KEYS))}")
-    stop = sp.get("stop_token_ids") or []
-    if not isinstance(stop, list) or any(isinstance(t, bool) or not isinstance(t, int) for t in stop):
-        raise BadRequest(f"sampling_params.stop_token_ids={stop!r}: must be a list of integer token ids")
-    seed = sp.get("sampling_seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise BadRequest(f"sampling_params.sampling_seed={seed!r}: must be an integer or null")
-    p = "sampling_params"
-    try:
-        params = SamplingParams(
-            n=_int(sp, "n", 1, prefix=p), max_new_tokens=_int(sp, "max_new_tokens", 128, prefix=p),
-            temperature=_float(sp, "temperature", 1.0, prefix=p), top_p=_float(sp, "top_p", 1.0, prefix=p),
-            top_k=_int(sp, "top_k", -1, prefix=p), stop_token_ids=tuple(stop),
-            ignore_eos=bool(sp.get("ignore_eos", False)), seed=seed)
-    except ValueError as e:
-        raise BadRequest(str(e)) from None
-    return params, bool(sp.get("skip_special_tokens", True)), bool(sp.get("no_stop_trim", False))
+        raise BadRequest(f"{where[:-1]}: expected a JSON object, got {type(sp).__name__}")
+    for key, neutral in _NEUTRAL.items():
+        v = sp.get(key)
+        if v is not None and v != neutral:
+            get_float(sp, key, neutral, where=where, lo=-2.0, hi=2.0)  # a malformed value reads as such
+            raise BadRequest(f"{where}{key}={v!r}: megaent serve samples without logit penalties; "
+                             f"leave it at {neutral} (or use SGLang)")
+    for key in _GRAMMARS:
+        if sp.get(key):
+            raise BadRequest(f"{where}{key}: constrained decoding is not supported by megaent serve; omit it")
+    bias = sp.get("logit_bias")
+    if bias is not None and (not isinstance(bias, dict) or bias):
+        raise BadRequest(f"{where}logit_bias={bias!r}: only an empty map is supported by megaent serve")
+    custom = sp.get("custom_params")
+    if custom is not None and not isinstance(custom, dict):
+        raise BadRequest(f"{where}custom_params={custom!r}: must be a JSON object")  # no processor reads it here
+    unknown = set(sp) - _SAMPLING_KEYS
+    if unknown:
+        log.debug("ignoring sampling_params keys %s", sorted(unknown))
+    max_new = get_int(sp, "max_new_tokens", 128, where=where, lo=0, hi=INT64 - 1)
+    min_new = get_int(sp, "min_new_tokens", 0, where=where, lo=0, hi=max_new)
+    temperature = get_float(sp, "temperature", 1.0, where=where, lo=0.0, hi=1e6)
+    top_p = get_float(sp, "top_p", 1.0, where=where, lo=0.0, hi=1.0, lo_open=True)
+    top_k = get_int(sp, "top_k", -1, where=where, lo=-1, hi=INT64 - 1)
+    if top_k == 0:
+        raise BadRequest(f"{where}top_k=0: must be -1 (disable) or at least 1")
+    top_k = -1 if top_k >= vocab_size else top_k  # keeping every token is "off"
+    n = get_int(sp, "n", 1, where=where, lo=1, hi=MAX_ROWS)
+    seed = get_int(sp, "sampling_seed", None, where=where, lo=-INT64, hi=INT64 - 1)
+    stop_ids = sp.get("stop_token_ids") or []
+    if not isinstance(stop_ids, list) or len(stop_ids) > 1024 or any(
+            isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size for t in stop_ids):
+        raise BadRequest(f"{where}stop_token_ids={stop_ids!r:.200}: must be a list of token ids in [0, {vocab_size})")
+    stop_regex = _str_list(sp.get("stop_regex"), "stop_regex", where=where, limit=MAX_STOP)
+    for pattern in stop_regex:
+        if len(pattern.encode()) > MAX_STOP_REGEX_BYTES:
+            raise BadRequest(f"{where}stop_regex: a pattern of {len(pattern.encode())} bytes; at most "
+                             f"{MAX_STOP_REGEX_BYTES} are allowed")
+        try:
+            re.compile(pattern)
+        except (re.error, RecursionError) as e:
+            raise BadRequest(f"{where}stop_regex={pattern!r}: not a valid regular expression ({e})") from None
+    opts = Options(max_new_tokens=max_new, min_new_tokens=min_new,
+                   stop_strs=_str_list(sp.get("stop"), "stop", where=where, limit=MAX_STOP), stop_regex=stop_regex,
+                   skip_special_tokens=get_bool(sp, "skip_special_tokens", True, where=where),
+                   spaces_between_special_tokens=get_bool(sp, "spaces_between_special_tokens", True, where=where),
+                   no_stop_trim=get_bool(sp, "no_stop_trim", False, where=where))
+    ignore_eos = get_bool(sp, "ignore_eos", False, where=where)
+    params = SamplingParams(n=n, max_new_tokens=max(1, max_new), temperature=temperature, top_p=top_p, top_k=top_k,
+                            stop_token_ids=tuple(stop_ids), ignore_eos=ignore_eos, seed=seed)
+    return params, opts
 
 
-def parse_generate(body: Any, *, tokenizer: Any, vocab_size: int) -> GenerateRequest:
-    """A `/generate` JSON body -> GenerateRequest; BadRequest names the bad field."""
-    if not isinstance(body, dict):
-        raise BadRequest(f"request body: expected a JSON object, got {type(body).__name__}")
-    for key in body:
-        if key not in _TOP_KEYS:
-            raise BadRequest(f"{key}: unknown field; megaent serve accepts {', '.join(sorted(_TOP_KEYS))}")
-    if body.get("stream"):
-        raise BadRequest("stream=true: streaming is not supported by megaent serve; send stream=false")
-    if body.get("top_logprobs_num"):
-        raise BadRequest("top_logprobs_num: top log-probs are not supported by megaent serve; leave it 0")
-    params, skip_special, no_trim = parse_sampling_params(body.get("sampling_params"))
+_SAMPLING_KEYS = {"max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "n", "sampling_seed",
+                  "stop", "stop_token_ids", "stop_regex", "ignore_eos", "skip_special_tokens", "no_stop_trim",
+                  "spaces_between_special_tokens", "logit_bias", "custom_params", "stream_interval",
+                  *_NEUTRAL, *_GRAMMARS}
+_TOP_KEYS = {"text", "input_ids", "sampling_params", "rid", "return_logprob", "logprob_start_len",
+             "top_logprobs_num", "return_text_in_logprobs", "stream"}
+
+
+# ------------------------------------------------------------------ /generate
+@dataclass
+class Job:
+    """Prompts that share one SamplingParams: one engine job (seeded streams keyed by index in `prompts`)."""
+
+    prompts: list[list[int]]
+    params: SamplingParams
+    opts: Options
+    first: int  # index of prompts[0] in the request
+
+
+@dataclass
+class GenerateRequest:
+    jobs: list[Job]
+    n_prompts: int
+    single: bool  # one prompt, n = 1: the answer is one object, not a list
+    rids: list[str]  # one per answer object, prompt-major
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
+    return_text_in_logprobs: bool = False
+    stream: bool = False
+    meta: dict = field(default_factory=dict)
+
+
+def _prompts(body: dict, *, tokenizer: Any, vocab_size: int) -> tuple[list[list[int]], bool]:
     text, ids = body.get("text"), body.get("input_ids")
     if (text is None) == (ids is None):
         raise BadRequest("text / input_ids: give exactly one of them")
@@ -139,51 +266,90 @@ def parse_generate(body: Any, *, tokenizer: Any, vocab_size: int) -> GenerateReq
         prompts = [tokenizer.encode(t) for t in texts]
         if any(len(p) == 0 for p in prompts):
             raise BadRequest("text: a prompt encodes to zero tokens")
+        return prompts, single
+    single = isinstance(ids, list) and bool(ids) and all(not isinstance(t, list) for t in ids)
+    prompts = [ids] if single else ids
+    if not isinstance(prompts, list) or not prompts:
+        raise BadRequest("input_ids: must be a list of token ids or a non-empty list of such lists")
+    for i, p in enumerate(prompts):
+        where = "input_ids" if single else f"input_ids[{i}]"
+        if not isinstance(p, list) or not p:
+            raise BadRequest(f"{where}: must be a non-empty list of token ids")
+        for t in p:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+                raise BadRequest(f"{where}: token id {t!r:.40} is not an integer in [0, {vocab_size})")
+    return prompts, single
+
+
+def check_context(prompt_len: int, max_new_tokens: int, *, context_len: int, field_name: str = "max_new_tokens"
+                  ) -> None:
+    """SGLang's tokenizer_manager check: the prompt, then prompt + max_new_tokens, must fit the context."""
+    if prompt_len >= context_len:
+        raise BadRequest(f"input: the input ({prompt_len} tokens) is longer than the model's context length "
+                         f"({context_len} tokens)")
+    if prompt_len + max_new_tokens > context_len:
+        raise BadRequest(f"{field_name}={max_new_tokens}: requested token count exceeds the model's maximum context "
+                         f"length of {context_len} tokens ({prompt_len} input + {max_new_tokens} new); lower "
+                         f"{field_name}")
+
+
+def parse_generate(body: Any, *, tokenizer: Any, vocab_size: int, context_len: int) -> GenerateRequest:
+    """A `/generate` JSON body -> GenerateRequest; BadRequest names the bad field."""
+    if not isinstance(body, dict):
+        raise BadRequest(f"request body: expected a JSON object, got {type(body).__name__}")
+    unknown = set(body) - _TOP_KEYS
+    if unknown:
+        log.debug("ignoring /generate fields %s", sorted(unknown))
+    prompts, single = _prompts(body, tokenizer=tokenizer, vocab_size=vocab_size)
+    sps = body.get("sampling_params")
+    if isinstance(sps, list):
+        if single or len(sps) != len(prompts):
+            raise BadRequest(f"sampling_params: a list of {len(sps)} dicts needs exactly one per prompt "
+                             f"({len(prompts)} prompts given as a list)")
+        parsed = [parse_sampling_params(sp, where=f"sampling_params[{i}].", vocab_size=vocab_size)
+                  for i, sp in enumerate(sps)]
+        if len({p.n for p, _ in parsed}) > 1:
+            raise BadRequest("sampling_params[*].n: must be the same for every prompt (SGLang's rule)")
+        jobs = [Job([p], prm, o, i) for i, (p, (prm, o)) in enumerate(zip(prompts, parsed))]
     else:
-        single = isinstance(ids, list) and bool(ids) and all(isinstance(t, int) for t in ids)
-        prompts = [ids] if single else ids
-        if not isinstance(prompts, list) or not prompts:
-            raise BadRequest("input_ids: must be a list of token ids or a non-empty list of such lists")
-        for i, p in enumerate(prompts):
-            where = "input_ids" if single else f"input_ids[{i}]"
-            if not isinstance(p, list) or not p:
-                raise BadRequest(f"{where}: must be a non-empty list of token ids")
-            for t in p:
-                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
-                    raise BadRequest(f"{where}: token id {t!r} is not an integer in [0, {vocab_size})")
-    return GenerateRequest(prompts=prompts, params=params, single=single and params.n == 1,
-                           return_logprob=bool(body.get("return_logprob", False)),
-                           return_text_in_logprobs=bool(body.get("return_text_in_logprobs", False)),
-                           skip_special_tokens=skip_special, no_stop_trim=no_trim)
+        prm, o = parse_sampling_params(sps, vocab_size=vocab_size)
+        jobs = [Job(prompts, prm, o, 0)]
+    n = jobs[0].params.n
+    if len(prompts) * n > MAX_ROWS:
+        raise BadRequest(f"sampling_params.n={n}: {len(prompts)} prompts x n = {len(prompts) * n} samples; at most "
+                         f"{MAX_ROWS} per request")
+    for job in jobs:
+        for p in job.prompts:
+            check_context(len(p), job.opts.max_new_tokens, context_len=context_len)
+    where = "" if single else "[*]"
+    return_logprob = get_bool(body, "return_logprob", False, where="")
+    top_n = get_int(body, "top_logprobs_num", 0, where="", lo=0, hi=vocab_size)
+    start = get_int(body, "logprob_start_len", -1, where="", lo=-1, hi=INT64 - 1)
+    del where
+    single = single and n == 1
+    return GenerateRequest(jobs=jobs, n_prompts=len(prompts), single=single,
+                           rids=_rids(body.get("rid"), len(prompts), n, single),
+                           return_logprob=return_logprob, logprob_start_len=start, top_logprobs_num=top_n,
+                           return_text_in_logprobs=get_bool(body, "return_text_in_logprobs", False, where=""),
+                           stream=get_bool(body, "stream", False, where=""))
 
 
-def format_sample(s: Sample, req: GenerateRequest, *, tokenizer: Any, weight_version: Optional[str]) -> dict:
-    """One Sample -> SGLang's per-sample response object."""
-    text_ids = s.output_ids[:-1] if (s.finish_reason == "stop" and not req.no_stop_trim) else s.output_ids
-    if s.finish_reason == "stop":
-        finish = {"type": "stop", "matched": s.matched_stop}
-    else:
-        finish = {"type": "length", "length": len(s.output_ids)}
-    meta: dict[str, Any] = {"id": uuid.uuid4().hex, "finish_reason": finish, "prompt_tokens": len(s.prompt_ids),
-                            "completion_tokens": len(s.output_ids), "cached_tokens": 0,
-                            "weight_version": weight_version}
-    if req.return_logprob:
-        texts = ([tokenizer.decode([t]) for t in s.output_ids] if req.return_text_in_logprobs
-                 else [None] * len(s.output_ids))
-        meta["output_token_logprobs"] = [[lp, t, x] for lp, t, x in zip(s.logprobs, s.output_ids, texts)]
-    return {"text": tokenizer.decode(text_ids, skip_special_tokens=req.skip_special_tokens),
-            "output_ids": list(s.output_ids), "meta_info": meta}
+def _rids(rid: Any, n_prompts: int, n: int, single: bool) -> list[str]:
+    """One id per answer object (io_struct `_normalize_rid`: a batch's string rid becomes rid_0, rid_1, ...)."""
+    total = n_prompts * n
+    if rid is None:
+        return [uuid.uuid4().hex for _ in range(total)]
+    if isinstance(rid, str):
+        return [rid] if single else [f"{rid}_{k}" for k in range(total)]
+    if isinstance(rid, list) and len(rid) == n_prompts and all(isinstance(r, str) for r in rid):
+        return [r if n == 1 else f"{r}_{j}" for r in rid for j in range(n)]
+    raise BadRequest(f"rid={rid!r:.80}: must be a string or a list of one string per prompt")
 
 
-def format_response(samples: list[list[Sample]], req: GenerateRequest, *, tokenizer: Any,
-                    weight_version: Optional[str]) -> Any:
-    """samples[i][j] -> one object (single prompt, n = 1) or a prompt-major flat list."""
-    flat = [format_sample(s, req, tokenizer=tokenizer, weight_version=weight_version) for row in samples for s in row]
-    return flat[0] if req.single else flat
-
-
-def parse_sample(obj: dict, prompt_ids: list[int]) -> Sample:
+def parse_sample(obj: dict, prompt_ids: list[int]) -> "Sample":
     """One SGLang response object (with return_logprob) -> Sample; used by the client."""
+    from megaent.rollout.types import Sample
+
     meta = obj.get("meta_info", {})
     lps = meta.get("output_token_logprobs")
     if lps is None:
