@@ -5,7 +5,7 @@ from megaent.algorithms.covariance import (
     covariance_stats, draw_seed, select_clip_cov, select_kl_cov, token_covariance, token_priority,
 )
 from megaent.algorithms.entropy_law import EarlyFit, EntropyLawFit, early_fit, fit_entropy_law
-from megaent.algorithms.global_topk import global_topk_mask
+from megaent.ops.topk import global_topk_mask
 from megaent.algorithms.kl import KL_ESTIMATORS, kl_k1, kl_k3
 from megaent.algorithms.policy_loss import POLICY_LOSSES, policy_loss, ppo_token_loss, select_tokens
 

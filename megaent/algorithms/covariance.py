@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megaent.algorithms.global_topk import INT63_MAX, global_topk_mask, ordered_key_f32
+from megaent.ops.topk import INT63_MAX, global_topk_mask, ordered_key_f32
 from megaent.ops.metrics import top_fraction_mean
 from megaent.ops.stats import global_sum, masked_mean
 

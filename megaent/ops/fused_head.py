@@ -30,8 +30,8 @@ from typing import Optional
 
 import torch
 
-from megaent.ops.logprobs import Group, all_reduce_max, all_reduce_sum, compute_dtype, finish_stats, \
-    group_rank_size
+from megaent.ops.logprobs import Group, all_reduce_max, compute_dtype, finish_stats, group_rank_size
+from megaent.ops.stats import global_sum
 
 
 def _fold_chunk(x: torch.Tensor, m: torch.Tensor, s: torch.Tensor, a: torch.Tensor) -> None:
@@ -82,7 +82,7 @@ class _FusedHeadLogprobsEntropy(torch.autograd.Function):
         rescale(m, s, a, m_glob)
         in_shard = (local >= 0) & (local < n_valid)
         sums = torch.stack([s, a, torch.where(in_shard, xt - m_glob, torch.zeros_like(xt))], dim=-1)
-        logp, entropy, logz = finish_stats(m_glob, all_reduce_sum(sums, group))  # collective 2
+        logp, entropy, logz = finish_stats(m_glob, global_sum(sums, group))  # collective 2
         ctx.save_for_backward(hidden, weight, targets, logz, entropy if entropy_grad else None)
         ctx.set_materialize_grads(False)
         ctx.cfg = (group, chunk_size, temperature, vocab_start, n_valid, entropy_grad)
@@ -131,7 +131,7 @@ class _FusedHeadLogprobsEntropy(torch.autograd.Function):
             if need_w:
                 torch.mm(g.t(), hidden, out=grad_w[c0:c1])
         if need_h:
-            grad_h = all_reduce_sum(grad_h, group).to(hidden.dtype)  # backward collective: SUM [N, H]
+            grad_h = global_sum(grad_h, group).to(hidden.dtype)  # backward collective: SUM [N, H]
         return grad_h, grad_w, None, None, None, None, None, None, None
 
 

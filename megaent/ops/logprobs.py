@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-Group = Optional[dist.ProcessGroup]
+from megaent.ops.stats import Group, global_sum
 
 # Any log-probability below this has exp() == 0 exactly in fp32 (and fp64 beyond 745), so
 # clamping to it changes no probability but keeps `p * log p` products finite.
@@ -56,13 +56,6 @@ def all_reduce_max(x: torch.Tensor, group: Group) -> torch.Tensor:
     """In-place MAX all-reduce over `group` (no-op for a single process); returns `x`."""
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
-    return x
-
-
-def all_reduce_sum(x: torch.Tensor, group: Group) -> torch.Tensor:
-    """In-place SUM all-reduce over `group` (no-op for a single process); returns `x`."""
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(x, group=group)
     return x
 
 
@@ -105,7 +98,7 @@ class _VocabParallelLogprobsEntropy(torch.autograd.Function):
             x = x / temperature
         m = all_reduce_max(x.max(dim=-1).values, group)  # collective 1
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # all-padded rows stay NaN-free here
-        sums = all_reduce_sum(_local_stats(x, targets, m, vocab_start), group)  # collective 2
+        sums = global_sum(_local_stats(x, targets, m, vocab_start), group)  # collective 2
         logp, entropy, logz = finish_stats(m, sums)
         ctx.save_for_backward(logits, targets, logz, entropy)
         ctx.set_materialize_grads(False)  # an unused output arrives as None: skip its term

@@ -23,11 +23,20 @@ Group = Optional[dist.ProcessGroup]
 
 
 def global_sum(x: torch.Tensor, group: Group = None) -> torch.Tensor:
-    """Sum of `x` over `group`, differentiable w.r.t. the local `x` (1 all-reduce)."""
+    """Sum of `x` over `group`: a new tensor of x's shape and dtype (x itself for a single process, or when
+    `group` is None); 1 SUM all-reduce on `group`. The one global-sum helper of megaent.ops and
+    megaent.algorithms.
+
+    Gradient: where autograd records (grad mode on and x requires grad) the result is differentiable w.r.t.
+    the local x with d sum / d x = 1 (the other ranks' parts are constants here); elsewhere (no_grad,
+    inside an autograd.Function, integer counts) it is the plain all-reduced copy. No collective in backward.
+    """
     if group is None or dist.get_world_size(group) == 1:
         return x
     total = x.detach().clone()
     dist.all_reduce(total, group=group)
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return total
     return x + (total - x.detach())
 
 

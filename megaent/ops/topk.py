@@ -1,19 +1,20 @@
-"""Exact global top-k over tokens spread across ranks, with no host sync.
+"""Exact global k-th largest and top-k over tokens spread across ranks, with no host sync.
 
-Clip-Cov and KL-Cov pick k = max(1, int(ratio * N)) tokens out of the N valid tokens of a whole
-mini-batch, whose tokens live on several data-parallel ranks (and micro-batches). verl reads N to the
-host (`.item()`) and runs `topk`/`randperm` per micro-batch. Here k stays a device tensor and the k-th
-largest key is found by a radix select over the key bits: each round all-reduces 256 counts ("how many
-keys are >= each of 256 candidate thresholds", read off one local sort with searchsorted) and fixes 8
-bits of the threshold. A 32-bit key takes 4 rounds; the 63-bit tie-break key 8 more. (The same idea as
-`megaent.ops.metrics.top_fraction_mean`, which histograms per round; this one also resolves ties by a
-63-bit token id.) Every rank runs the same fixed sequence of collectives whatever its data (ranks with
-no valid token included), and the result is exactly the set one process would pick from the
+The one top-k of megaent: Clip-Cov and KL-Cov (`megaent.algorithms.covariance`) pick k = max(1,
+int(ratio * N)) tokens out of the N valid tokens of a whole mini-batch, and the paper's "top 0.02%
+covariance" metric (`megaent.ops.metrics.top_fraction_mean`) averages the largest k values; the tokens
+live on several data-parallel ranks (and micro-batches). verl reads N to the host (`.item()`) and runs
+`topk`/`randperm` per micro-batch. Here k stays a device tensor and the k-th largest key is found by a radix
+select over the key bits: each round all-reduces 256 counts ("how many keys are >= each of 256 candidate
+thresholds", read off one local sort with searchsorted) and fixes 8 bits of the threshold. A 32-bit key
+takes 4 rounds; the 63-bit tie-break key 8 more. (Radix select as in GPU top-k kernels, e.g. PyTorch's
+`topk` / CUB; here across ranks.) Every rank runs the same fixed sequence of collectives whatever its data
+(ranks with no valid token included), and the result is exactly the set one process would pick from the
 concatenated batch. Gathering each rank's local k smallest instead would need k on the host and padded
 gathers.
 
 Keys are int64 >= 0, larger = preferred; a token outside the candidate set gets key -1.
-`ordered_key_f32` maps fp32 values to such keys preserving their order.
+`ordered_key_f32` maps fp32 values to such keys preserving their order; `key_to_f32` maps back.
 """
 from __future__ import annotations
 
@@ -36,6 +37,12 @@ def ordered_key_f32(x: torch.Tensor) -> torch.Tensor:
     """fp32 values -> int64 keys in [0, 2^32) with the same order (IEEE bits, sign-folded)."""
     bits = x.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
     return torch.where(bits >= 0, bits + (1 << 31), -1 - bits)
+
+
+def key_to_f32(key: torch.Tensor) -> torch.Tensor:
+    """Inverse of `ordered_key_f32`: int64 keys in [0, 2^32) -> the fp32 values they came from."""
+    bits = torch.where(key >= (1 << 31), key - (1 << 31), -1 - key).to(torch.int32)
+    return bits.contiguous().view(torch.float32)
 
 
 def _count_ge(sorted_keys: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
