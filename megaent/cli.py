@@ -175,8 +175,12 @@ hf_final/ (a HuggingFace export). --resume continues at the step after its lates
     t.add_argument("--help-config", action="store_true", help="list every config key with default and meaning")
     t.set_defaults(fn=_cmd_train)
 
-    s = sub.add_parser("serve", help="SGLang-compatible HTTP rollout server", add_help=False)
-    s.add_argument("rest", nargs=argparse.REMAINDER)
+    # Every serve argument, --help included, goes to megaent.rollout.server's own parser (it imports torch, so
+    # it is only built when serving): prefix_chars="+" makes "--model X" plain strings here, which
+    # argparse.REMAINDER could not take when they came first ("unrecognized arguments: --model").
+    s = sub.add_parser("serve", help="SGLang-compatible HTTP rollout server (megaent serve --help)", add_help=False,
+                       prefix_chars="+")
+    s.add_argument("rest", nargs="*")
     s.set_defaults(fn=_cmd_serve)
 
     c = sub.add_parser("convert", help="convert between HF and megaent checkpoints", formatter_class=raw,
