@@ -54,6 +54,9 @@ def _split_train_positionals(args: argparse.Namespace) -> tuple[Optional[str], l
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from megaent.trainer.signals import record_early
+
+    record_early()  # a TERM/USR1 during the slow imports below still ends in checkpoint + exit 3
     from megaent.config import field_docs, load_config
 
     if args.help_config:

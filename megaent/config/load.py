@@ -59,7 +59,12 @@ def _parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if raw == "":
         return key, ""
-    value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={raw}"]), resolve=False)["v"]  # `${...}` kept
+    try:
+        value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={raw}"]), resolve=False)["v"]  # `${...}` kept
+    except Exception as exc:  # YAML syntax of the value
+        msg = str(exc).splitlines()[0]
+        raise ConfigError(f"override `{text}`: the value is not valid YAML ({msg}); quote it, e.g. "
+                          f"{key}='\"...\"'") from None
     return key, value
 
 

@@ -12,18 +12,25 @@ Usage:
     with RewardPool("math", workers=2, timeout_s=5.0) as pool:
         result = pool.score(responses, answers)   # RewardResult
 
-`workers=0` scores in-process with no timeout (cheap exact checkers, tests).
+The deadline holds with any worker count: `workers=0` scores in-process only a verifier that cannot hang (the
+synthetic exact checker, `IN_PROCESS_SAFE`); any other verifier, a test double included, still gets one worker
+process, since a hang inside one C call (sympy's big integers) stops only when its process is killed. Each
+worker's address space is capped (`memory_gib`, RLIMIT_AS): a sample past it raises MemoryError in the worker and
+scores 0 as an error. Timeouts, verifier errors and worker crashes are counted per call (`RewardResult`) and in
+running totals that `take_metrics` hands to the trainer once per step.
 """
 from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import resource
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Optional, Sequence
 
+from megaent.config.schema import RewardConfig
 from megaent.rewards.math import score_math
 from megaent.rewards.synthetic import score_exact
 
@@ -41,6 +48,8 @@ SCORERS: dict[str, tuple[Scorer, Optional[Callable[[], None]]]] = {
     "synthetic": (score_exact, None),
 }
 """Verifier by `reward.kind`: (scorer(response, answer, format_reward) -> (reward, format_ok), warm-up)."""
+IN_PROCESS_SAFE = {score_exact}
+"""Verifiers that run in linear time on their input and may score in-process (`workers=0`) without a deadline."""
 
 
 @dataclass
@@ -56,7 +65,9 @@ class RewardResult:
     timeouts: int = 0
     """Number of samples that timed out."""
     errors: int = 0
-    """Number of samples whose verifier raised or whose worker died (scored 0)."""
+    """Number of samples whose verifier raised (MemoryError past the cap included; scored 0)."""
+    crashes: int = 0
+    """Number of samples whose worker died while scoring them (a signal, a hard crash; scored 0)."""
 
     def metrics(self) -> dict[str, float]:
         """Scalar metrics for the trainer's sink."""
@@ -64,11 +75,22 @@ class RewardResult:
         return {
             "reward/verifier_timeouts": float(self.timeouts),
             "reward/verifier_errors": float(self.errors),
+            "reward/verifier_crashes": float(self.crashes),
             "reward/format_ok": sum(self.format_ok) / n,
         }
 
 
-def _worker_main(conn: Connection, scorer: Scorer, warm: Optional[Callable[[], None]]) -> None:
+def _cap_memory(memory_gib: Optional[float]) -> None:
+    if memory_gib:
+        limit = int(memory_gib * 2**30)
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard if hard != resource.RLIM_INFINITY and hard < limit
+                                                else limit))
+
+
+def _worker_main(conn: Connection, scorer: Scorer, warm: Optional[Callable[[], None]],
+                 memory_gib: Optional[float] = None) -> None:
+    _cap_memory(memory_gib)
     if warm is not None:
         warm()
     conn.send(("ready",))
@@ -80,14 +102,15 @@ def _worker_main(conn: Connection, scorer: Scorer, warm: Optional[Callable[[], N
         try:
             reward, ok = scorer(response, answer, format_reward)
             conn.send((idx, float(reward), bool(ok), None))
-        except Exception as exc:  # a verifier bug must not take the step down
-            conn.send((idx, 0.0, False, repr(exc)))
+        except Exception as exc:  # a verifier bug (or MemoryError past the cap) must not take the step down
+            conn.send((idx, 0.0, False, repr(exc)[:500]))
 
 
 class _Worker:
-    def __init__(self, ctx: Any, scorer: Scorer, warm: Optional[Callable[[], None]]) -> None:
+    def __init__(self, ctx: Any, scorer: Scorer, warm: Optional[Callable[[], None]],
+                 memory_gib: Optional[float]) -> None:
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, scorer, warm), daemon=True)
+        self.proc = ctx.Process(target=_worker_main, args=(child, scorer, warm, memory_gib), daemon=True)
         self.proc.start()
         child.close()
         self.started = time.monotonic()
@@ -115,13 +138,14 @@ class RewardPool:
 
     Args:
         kind: key of `SCORERS` ("math" | "synthetic"); ignored when `scorer` is given.
-        workers: worker processes (0 = score in-process, no timeout).
+        workers: worker processes (0 = in-process for `IN_PROCESS_SAFE` verifiers, else one process).
         timeout_s: per-sample deadline; a late sample scores 0, is counted, and
             its worker is killed and replaced.
         format_reward: added to a sample's reward when its answer form is right.
         scorer: a module-level function (picklable by name) to use instead of
             `SCORERS[kind]`, e.g. a test double.
         start_timeout_s: how long a new worker may take to import its verifier.
+        memory_gib: address-space cap of each worker (None = uncapped).
     """
 
     def __init__(
@@ -133,6 +157,7 @@ class RewardPool:
         format_reward: float = 0.0,
         scorer: Optional[Scorer] = None,
         start_timeout_s: float = 120.0,
+        memory_gib: Optional[float] = RewardConfig.worker_memory_gib,
     ) -> None:
         if scorer is None and kind not in SCORERS:
             raise ValueError(f"reward.kind={kind!r}: unknown verifier; choose one of {sorted(SCORERS)}")
@@ -140,7 +165,16 @@ class RewardPool:
             raise ValueError(f"reward.workers={workers}: must be >= 0 (0 = score in-process)")
         if timeout_s <= 0:
             raise ValueError(f"reward.timeout_s={timeout_s}: must be > 0 seconds")
+        if memory_gib is not None and not memory_gib > 0:
+            raise ValueError(f"reward.worker_memory_gib={memory_gib}: must be > 0 GiB")
         self._scorer, self._warm = (scorer, None) if scorer is not None else SCORERS[kind]
+        if workers == 0 and self._scorer not in IN_PROCESS_SAFE:
+            log.info("reward.workers=0: %s still runs in one worker process, so that its %.0f s deadline holds",
+                     getattr(self._scorer, "__name__", "the verifier"), timeout_s)
+            workers = 1
+        self.memory_gib = memory_gib
+        self.totals = {"timeouts": 0, "errors": 0, "crashes": 0}
+        """Running counts since the last `take_metrics`."""
         self.timeout_s = float(timeout_s)
         self.format_reward = float(format_reward)
         self.start_timeout_s = float(start_timeout_s)
@@ -149,8 +183,14 @@ class RewardPool:
         self._ctx = mp.get_context("spawn")
         self._workers = [self._spawn() for _ in range(workers)]
 
+    @classmethod
+    def from_config(cls, cfg: RewardConfig) -> "RewardPool":
+        """The pool `reward.*` asks for."""
+        return cls(cfg.kind, workers=cfg.workers, timeout_s=cfg.timeout_s, format_reward=cfg.format_reward,
+                          memory_gib=cfg.worker_memory_gib)
+
     def _spawn(self) -> _Worker:
-        return _Worker(self._ctx, self._scorer, self._warm)
+        return _Worker(self._ctx, self._scorer, self._warm, self.memory_gib)
 
     def __enter__(self) -> "RewardPool":
         return self
@@ -176,15 +216,28 @@ class RewardPool:
         result = RewardResult([0.0] * n, [False] * n, [False] * n)
         if not self._workers:
             for i in range(n):
-                result.rewards[i], result.format_ok[i] = self._scorer(responses[i], answers[i], self.format_reward)
-            return result
-        pending = deque(range(n))
-        done = 0
-        while done < n:
-            self._dispatch(pending, responses, answers)
-            done += self._collect(result)
-            done += self._reap(result)
+                try:
+                    result.rewards[i], result.format_ok[i] = self._scorer(responses[i], answers[i],
+                                                                          self.format_reward)
+                except Exception as exc:  # as in a worker: the sample scores 0 and counts
+                    log.warning("verifier raised on sample %d: %r (scored 0)", i, exc)
+                    result.errors += 1
+        else:
+            pending = deque(range(n))
+            done = 0
+            while done < n:
+                self._dispatch(pending, responses, answers)
+                done += self._collect(result)
+                done += self._reap(result)
+        for key in self.totals:
+            self.totals[key] += getattr(result, key)
         return result
+
+    def take_metrics(self) -> dict[str, float]:
+        """Verifier timeouts, errors and crashes since the last call (the trainer logs them once per step)."""
+        out = {f"reward/verifier_{k}": float(v) for k, v in self.totals.items()}
+        self.totals = dict.fromkeys(self.totals, 0)
+        return out
 
     def _dispatch(self, pending: deque, responses: Sequence[str], answers: Sequence[str]) -> None:
         for w in self._workers:
@@ -251,6 +304,7 @@ class RewardPool:
             result.timed_out[i] = True
             result.timeouts += 1
         else:
-            log.warning("reward worker died while scoring sample %d (scored 0)", i)
-            result.errors += 1
+            log.warning("reward worker died (exit code %s) while scoring sample %d (scored 0)",
+                        w.proc.exitcode, i)
+            result.crashes += 1
         return 1

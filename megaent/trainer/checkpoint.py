@@ -36,7 +36,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
+from megaent.trainer.atomic import fsync_dir, write_text_atomic
 from megaent.trainer.integrity import (
     DIGESTS, CheckpointError, SafeReader, check_tensor_entries, gather_digests, verify, write_digests,
 )
@@ -72,25 +74,6 @@ def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `path` so that a crash leaves the old file or the new one, never a cut one (temp + fsync + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 # ------------------------------------------------------------------ RNG state as plain tensors
@@ -132,7 +115,9 @@ def _describe_write_failure(exc: BaseException, root: Path) -> str:
         seen.add(id(e))
         texts.append(str(e))
         full |= isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-        stack.extend([e.__cause__, e.__context__, *getattr(e, "failures", {}).values()])
+        failures = getattr(e, "failures", None)
+        inner = [pair[0] if isinstance(pair, tuple) else pair for pair in failures.values()] if failures else []
+        stack.extend([e.__cause__, e.__context__, *inner])
     text = " ".join(texts)
     full |= any(s in text for s in ("No space left", "Disk quota", "File too large", "unexpected pos",
                                     "file write failed"))
@@ -143,8 +128,8 @@ def _describe_write_failure(exc: BaseException, root: Path) -> str:
             free = "free space unknown"
         return (f"the disk is full ({free} on {root}); free space there or lower trainer.keep_last, then resume "
                 "(megaent train --resume RUN_DIR)")
-    first = next((t.splitlines()[0] for t in texts if t.strip()), type(exc).__name__)
-    return f"{type(exc).__name__}: {first}"
+    last = [t.strip().splitlines()[-1] for t in texts if t.strip()]  # DCP's text ends with the cause
+    return f"{type(exc).__name__}: {last[0] if last else ''}"
 
 
 def _agree(error: Optional[str]) -> Optional[str]:
@@ -175,11 +160,11 @@ def _finish(tmp: Path, final: Path, root: Path, meta: dict[str, Any], config: Op
         f.write("ok\n")
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
 def save_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, Any], meta: dict[str, Any], *,
@@ -202,7 +187,7 @@ def save_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, Any], met
     error = None
     try:
         _write_shards(tmp, tensors, rank)
-    except Exception as exc:  # a full disk, an I/O error: reported below on every rank
+    except (Exception, CheckpointException) as exc:  # a full disk, an I/O error: reported on every rank below
         error = _describe_write_failure(exc, root)
     error = _agree(error)
     digests = gather_digests(tmp, rank) if error is None else {}
@@ -309,7 +294,7 @@ def load_latest(run_dir: str | Path, tensors: dict[str, Any], *, rank: int = 0, 
             meta = load_checkpoint(path, tensors, rank=rank, restore_rng=same_layout, verify_digests=verify_digests)
         except CheckpointError as exc:
             problem = str(exc)
-        except Exception as exc:  # unverified damage surfacing inside DCP (the same on every rank)
+        except (Exception, CheckpointException) as exc:  # unverified damage surfacing inside DCP (all ranks)
             problem = f"{path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         else:
             if skipped and rank == 0:

@@ -1,8 +1,10 @@
 """Metric sinks of a run: metrics.jsonl, TensorBoard, optional wandb, samples.jsonl, and the progress display.
 
 Only the trainer writes metrics, and only on rank 0. `metrics.jsonl` holds one JSON object per step and is the
-source of truth for `megaent fit-law` and `megaent plot`; on resume it is truncated to the checkpoint's step so
-the file continues without a gap or a repeat.
+source of truth for `megaent fit-law` and `megaent plot`. Opening the sink at `start_step` (the resumed
+checkpoint's step, 0 for a fresh start) first drops every row past it from metrics.jsonl and samples.jsonl, and
+TensorBoard purges its events past it, so after any crash (a kill before the first checkpoint included) the
+files continue without a gap or a repeat.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import math
 import time
 from pathlib import Path
 from typing import Any, Optional
+
+from megaent.trainer.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -42,30 +46,29 @@ def truncate_metrics(run_dir: str | Path, last_step: int) -> None:
                 row = json.loads(ln)
             except json.JSONDecodeError:  # a line cut by a kill -9 mid-write
                 continue
-            if row.get("step", last_step + 1) <= last_step:
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= last_step:
                 keep.append(ln)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        tmp.replace(path)
+        write_text_atomic(path, "".join(ln + "\n" for ln in keep))
 
 
 class MetricsSink:
     """Rank-0 writer of per-step metrics to JSONL, TensorBoard and (optionally) wandb."""
 
-    def __init__(self, run_dir: str | Path, *, enabled: bool, wandb_project: str = "", run_name: str = "",
-                 config: Optional[dict[str, Any]] = None) -> None:
+    def __init__(self, run_dir: str | Path, *, enabled: bool, start_step: int = 0, wandb_project: str = "",
+                 run_name: str = "", config: Optional[dict[str, Any]] = None) -> None:
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self._tb = None
         self._wandb = None
         if not enabled:
             return
+        truncate_metrics(self.run_dir, start_step)  # rows of steps that will run again
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a")
         self._samples = open(self.run_dir / "samples.jsonl", "a")
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.run_dir / "tb"))
+            self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1)
         except ImportError:  # tensorboard is a dependency; tolerate a broken install rather than lose the run
             log.warning("tensorboard not importable; metrics go to metrics.jsonl only")
         if wandb_project:

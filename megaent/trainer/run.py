@@ -2,9 +2,13 @@
 
 Run directory: `trainer.run_dir`, or `runs/<config name>-<YYYYmmdd-HHMMSS>` chosen by rank 0 and broadcast.
 A run directory that already holds a complete checkpoint is resumed automatically (what a requeued Slurm job
-relies on); `megaent train --resume RUN_DIR` does the same from the run's own `config.yaml`.
-Exit codes: 0 done, 2 user error (bad config, missing file, unwritable run dir), 3 stopped by a signal after
-checkpointing (requeue me).
+relies on); `megaent train --resume RUN_DIR` does the same from the run's own `config.yaml`, which must agree
+with the copy the newest checkpoint carries (a damaged file is replaced by that copy, with a warning).
+The run's `config.yaml` is written atomically at the start of a fresh run and after every checkpoint.
+
+Exit codes: 0 done, 1 failed (e.g. a checkpoint could not be written or no checkpoint is intact), 2 user error
+(bad config, missing file, unwritable run dir), 3 stopped by a signal after checkpointing (requeue me),
+4 diverged (non-finite loss, gradients or weights; nothing saved from the bad step; do not requeue).
 """
 from __future__ import annotations
 
@@ -12,13 +16,21 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch.distributed as dist
 
 from megaent.config import Config, ConfigError, load_config, to_yaml
+from megaent.config.load import unresolved
+from megaent.trainer.atomic import write_text_atomic
+from megaent.trainer.checkpoint import checkpoint_config, list_checkpoints
+from megaent.trainer.integrity import CheckpointError
 
 log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_REQUEUE = 0, 1, 3
+REQUEUE_DIR_ENV = "MEGAENT_REQUEUE_DIR"
+"""Set by `megaent.trainer.torchrun`: each local rank that checkpointed on a stop signal leaves a marker there."""
 
 
 def _decide_run_dir(cfg: Config, config_path: Optional[str], rank: int, world: int) -> Path:
@@ -41,11 +53,61 @@ def _prepare_run_dir(run_dir: Path, cfg: Config, rank: int) -> None:
         except OSError as exc:
             raise ConfigError(f"trainer.run_dir={str(run_dir)!r}: cannot write there ({exc.strerror}); "
                               "choose a writable directory") from None
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        if not list_checkpoints(run_dir):  # a resumed run's file follows its checkpoints (save_checkpoint)
+            write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
+
+
+def _world_size() -> int:
+    env = os.environ
+    if "WORLD_SIZE" in env:
+        return int(env["WORLD_SIZE"])
+    return int(env.get("SLURM_NTASKS", "1")) if "SLURM_PROCID" in env else 1
+
+
+def _demo_arch() -> dict[str, Any]:
+    """config.json fields of the demo's tiny policy (the warm-up's defaults), for layout checks before it exists."""
+    import inspect
+
+    from megaent.data.warmup import warmup_policy
+
+    d = {k: v.default for k, v in inspect.signature(warmup_policy).parameters.items()}
+    return {"num_attention_heads": d["heads"], "num_key_value_heads": d["kv_heads"],
+            "num_hidden_layers": d["layers"], "intermediate_size": 4 * d["hidden"]}
+
+
+def check_layout(cfg: Config, *, world: int) -> None:
+    """parallel.tp x parallel.pp must fit the launched world and the model's heads, MLP and layers."""
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    if world % (tp * pp) != 0:
+        raise ConfigError(f"parallel.tp={tp} x parallel.pp={pp}: {world} launched process(es) are not a multiple "
+                          f"of {tp * pp}; launch a multiple of tp*pp processes (torchrun --nproc-per-node) or "
+                          "lower tp/pp")
+    import json
+
+    from megaent.model.arch import stage_layer_ranges
+
+    if cfg.model.path:
+        try:
+            arch = json.loads((Path(cfg.model.path) / "config.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"model.path={cfg.model.path!r}: config.json unreadable ({exc})") from None
+    else:
+        arch = _demo_arch()
+    heads = arch.get("num_attention_heads", 1)
+    sizes = {"num_attention_heads": heads, "num_key_value_heads": arch.get("num_key_value_heads") or heads,
+             "intermediate_size": arch.get("intermediate_size", tp)}
+    for name, n in sizes.items():
+        if n % tp:
+            raise ConfigError(f"parallel.tp={tp}: does not divide the model's {name}={n}; choose a tp that "
+                              "divides it")
+    try:
+        stage_layer_ranges(int(arch.get("num_hidden_layers", pp)), pp, cfg.model.pipeline_layers)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def preflight(cfg: Config) -> None:
-    """Cheap checks of paths before any process group or model exists, so a typo costs one line, exit 2."""
+    """Cheap checks of paths and layout before any process group or model exists: a typo costs one line, exit 2."""
     if cfg.model.path and not (Path(cfg.model.path) / "config.json").is_file():
         raise ConfigError(f"model.path={cfg.model.path!r}: no config.json there; point it at a HuggingFace "
                           "checkpoint directory (or leave it empty for the demo's own tiny policy)")
@@ -59,27 +121,40 @@ def preflight(cfg: Config) -> None:
     if not os.access(probe, os.W_OK) or (probe.exists() and not probe.is_dir()):
         raise ConfigError(f"trainer.run_dir={str(target)!r}: {probe} is not a writable directory; choose a "
                           "writable trainer.run_dir")
+    check_layout(cfg, world=_world_size())
     from megaent.trainer.components import check_backend
 
     check_backend(cfg.model)
 
 
+def _mark_requeue() -> None:
+    """Under `megaent.trainer.torchrun`: tell the launcher this local rank checkpointed and wants a requeue."""
+    where = os.environ.get(REQUEUE_DIR_ENV)
+    if where:
+        rank = os.environ.get("LOCAL_RANK", "0")
+        (Path(where) / f"requeue-{rank}").write_text(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def train(cfg: Config, *, config_path: Optional[str] = None) -> int:
     """Run (or continue) training for `cfg`; collective over all launched ranks."""
     from megaent.parallel import destroy_parallel, init_parallel
-    from megaent.trainer.trainer import Trainer
-
-    preflight(cfg)
-    if cfg.trainer.threads > 0:
-        import torch
-
-        torch.set_num_threads(cfg.trainer.threads)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from megaent.trainer.signals import StopFlag
 
-    stop = StopFlag().install()  # before anything slow: a USR1 during start-up still checkpoints cleanly
-    state = init_parallel(cfg.parallel.tp, cfg.parallel.pp, backend=cfg.parallel.backend,
-                          timeout_s=cfg.parallel.timeout_s)
+    stop = StopFlag().install()  # first: a USR1/TERM during start-up still checkpoints cleanly
+    try:
+        preflight(cfg)
+        if cfg.trainer.threads > 0:
+            import torch
+
+            torch.set_num_threads(cfg.trainer.threads)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from megaent.trainer.trainer import Trainer
+
+        state = init_parallel(cfg.parallel.tp, cfg.parallel.pp, backend=cfg.parallel.backend,
+                              timeout_s=cfg.parallel.timeout_s)
+    except BaseException:
+        stop.uninstall()
+        raise
     trainer = None
     try:
         run_dir = _decide_run_dir(cfg, config_path, state.rank, state.world_size)
@@ -98,7 +173,14 @@ def train(cfg: Config, *, config_path: Optional[str] = None) -> int:
         if state.rank == 0:
             log.info("run directory %s", run_dir)
         trainer = Trainer(cfg, run_dir=run_dir, state=state, stop=stop)
-        return trainer.fit()
+        try:
+            code = trainer.fit()
+        except CheckpointError as exc:
+            log.error("%s", exc)
+            return EXIT_FAILED
+        if code == EXIT_REQUEUE:
+            _mark_requeue()
+        return code
     finally:
         if trainer is not None:
             trainer.close()
@@ -106,10 +188,48 @@ def train(cfg: Config, *, config_path: Optional[str] = None) -> int:
         destroy_parallel()
 
 
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+
+
+def resume_config(run_dir: str, *, overrides: Sequence[str] = ()) -> Config:
+    """The config of `megaent train --resume RUN_DIR`: the run's own config.yaml, checked against the copy its
+    newest checkpoint carries, plus `overrides`. A missing, empty or unparseable file is replaced by that copy
+    (with a warning); a file that parses but differs from it is a ConfigError naming the keys."""
+    path = Path(run_dir) / "config.yaml"
+    copy = next((c for _, p in reversed(list_checkpoints(run_dir)) if (c := checkpoint_config(p))), None)
+    try:
+        mine = unresolved(path.read_text(), source=str(path)) if path.is_file() else None
+        problem = None if mine is not None else f"{path} is missing"
+    except ConfigError as exc:
+        mine, problem = None, str(exc)
+    source = path
+    if copy is not None:
+        theirs = unresolved(copy.read_text(), source=str(copy))
+        if mine is None:
+            log.warning("%s; resuming with the copy in %s", problem, copy)
+            if _is_rank0():
+                write_text_atomic(path, copy.read_text())
+            source = copy
+        else:
+            diff = [k for k in _differences(mine, theirs) if k != "trainer.run_dir"]
+            if diff:
+                raise ConfigError(f"{path} differs from the config its checkpoint carries ({copy}) at "
+                                  f"{', '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}: change settings on "
+                                  f"resume with overrides (megaent train --resume {run_dir} key=value), or restore "
+                                  f"the file: cp {copy} {path}")
+    elif mine is None:
+        raise ConfigError(f"--resume {run_dir}: {problem}; pass a run directory written by megaent train")
+    return load_config(source, list(overrides) + [f"trainer.run_dir={run_dir}"])
+
+
 def resume(run_dir: str, *, overrides: Sequence[str] = ()) -> int:
     """`megaent train --resume RUN_DIR [key=value ...]`: the run's own config (+ overrides), same run dir."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"--resume {run_dir}: no config.yaml there; pass a run directory written by megaent train")
-    cfg = load_config(path, list(overrides) + [f"trainer.run_dir={run_dir}"])
-    return train(cfg, config_path=str(path))
+    cfg = resume_config(run_dir, overrides=overrides)
+    return train(cfg, config_path=str(Path(run_dir) / "config.yaml"))

@@ -19,13 +19,14 @@ import torch
 import torch.distributed as dist
 
 from megaent.algorithms import compute_advantages
-from megaent.config import Config
+from megaent.config import Config, to_yaml
 from megaent.parallel import ParallelState
 from megaent.trainer import components
 from megaent.trainer.batching import TrainSample, make_micro_batches, partition_groups
-from megaent.trainer.checkpoint import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
+from megaent.trainer.checkpoint import latest_checkpoint, load_latest, save_checkpoint
 from megaent.trainer.dynamics import EntropyDynamics
-from megaent.trainer.metrics import MetricsSink, Progress, truncate_metrics
+from megaent.trainer.guard import EXIT_DIVERGED, check_step
+from megaent.trainer.metrics import MetricsSink, Progress
 from megaent.trainer.rollout_phase import RolloutPhase
 from megaent.trainer.signals import StopFlag
 from megaent.trainer.state_dict import canonical_state, finish_load
@@ -65,14 +66,19 @@ class Trainer:
     def fit(self) -> int:
         t = self.cfg.trainer
         start = self.restore()
-        self.sink = MetricsSink(self.run_dir, enabled=self.state.rank == 0, wandb_project=t.wandb_project,
-                                run_name=self.run_dir.name)
+        self.sink = MetricsSink(self.run_dir, enabled=self.state.rank == 0, start_step=start,
+                                wandb_project=t.wandb_project, run_name=self.run_dir.name)
         progress = Progress(t.steps, start, enabled=self.state.rank == 0, quiet=t.quiet)
         try:
             for step in range(start + 1, t.steps + 1):
                 metrics = self.train_step(step)
                 self.sink.log(step, metrics)
                 progress.update(step, metrics)
+                diverged = check_step(step, metrics, self.policy.named_parameters(), device=self.state.device,
+                                      run_dir=self.run_dir)
+                if diverged:  # before any checkpoint or export is written from this step
+                    log.error("%s", diverged)
+                    return EXIT_DIVERGED
                 stop = self.stop.should_stop()
                 if stop or step == t.steps or (t.checkpoint_every and step % t.checkpoint_every == 0):
                     self.save(step)
@@ -117,6 +123,7 @@ class Trainer:
         metrics.update({"time/rollout_s": t_roll, "time/train_s": t_train, "time/step_s": step_s,
                         "tokens_per_s": tokens / max(step_s, 1e-9), "rollout/sync_shared": float(route == "shared")})
         if self.state.rank == 0:
+            metrics.update(self.scorer.pool.take_metrics())  # verifier timeouts, errors, crashes of this step
             self.sink.log_samples(step, texts)
         return metrics
 
@@ -261,6 +268,7 @@ class Trainer:
 
     def _meta(self) -> dict[str, Any]:
         return {"data": self.prompts.state_dict(), "optimizer_steps": self.optimizer.step_count,
+                "config": to_yaml(self.cfg),
                 "layout": self._layout(),
                 "hf_dir": str(self.hf_dir), "dynamics": self.dynamics.state_dict()}
 
@@ -271,18 +279,16 @@ class Trainer:
 
     def restore(self) -> int:
         """Resume from the latest complete checkpoint of the run directory; returns its step (0 = fresh)."""
-        path = latest_checkpoint(self.run_dir)
-        if path is None:
+        if latest_checkpoint(self.run_dir) is None:
             return 0
-        same_layout = read_meta(path).get("layout", {}) == self._layout()
         tensors = canonical_state(self.policy, self.optimizer, self.state, loading=True)
-        meta = load_checkpoint(path, tensors, rank=self.state.rank, restore_rng=same_layout)
+        # The newest intact checkpoint (digests checked; a damaged one falls back with a warning).
+        path, meta = load_latest(self.run_dir, tensors, rank=self.state.rank, layout=self._layout(),
+                                 verify_digests=self.cfg.trainer.verify_checkpoints)
         finish_load(self.policy, self.optimizer, step=int(meta["optimizer_steps"]))
         self.prompts.load_state_dict(meta["data"])
         self.dynamics.load_state_dict(meta.get("dynamics", {}))
         step = int(meta["step"])
-        if self.state.rank == 0:
-            truncate_metrics(self.run_dir, step)
         self.rollout.sync(step=step)
         log.info("resumed from %s (step %d)", path, step)
         return step
