@@ -38,7 +38,8 @@ EXAMPLE_CONFIG = REPO / "configs" / "qwen2.5-7b-clip-cov.yaml"
 FAKE_SRUN = r'''#!{python}
 import json, os, signal, sys, time
 argv = sys.argv[1:]
-rec = {{"argv": argv, "env": {{k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID")}}}}
+rec = {{"argv": argv, "env": {{k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID",
+                                                          "MEGAENT_API_KEY")}}}}
 with open(os.environ["FAKE_LOG"], "a") as f:
     f.write(json.dumps({{"srun": rec}}) + "\n")
 if any("launch_server" in a or a == "serve" for a in argv):
@@ -155,6 +156,40 @@ def test_4x8_with_2_rollout_nodes_header_and_rendezvous(tmp_path: Path) -> None:
     # The overrides the trainer receives are valid for the real config loader.
     cfg = load_config(None, cmd[-2:])
     assert cfg.rollout.engine == "http" and cfg.rollout.urls == urls
+
+
+@pytest.mark.parametrize("gpus", [8, 0])
+def test_rollout_servers_and_trainer_share_a_fresh_api_key(tmp_path: Path, gpus: int) -> None:
+    """Issue 21 point 6: the servers listen on 0.0.0.0, so the script generates a key per job and hands it to the
+    servers (SGLang: --api-key; megaent serve: $MEGAENT_API_KEY) and to the trainer's client (environment)."""
+    spec = JobSpec(config_path="/c.yaml", run_dir=str(tmp_path / "run"), workdir=str(tmp_path), nodes=1,
+                   gpus_per_node=gpus, tasks_per_node=0 if gpus else 2, rollout_nodes=1, model_path="/models/m")
+    script = render_sbatch(spec)
+    (tmp_path / "job.sh").write_text(script)
+    env = fake_env(tmp_path, hosts=["n1", "n2"], job_id=5, train="exit:0")
+    env.pop("MEGAENT_API_KEY", None)
+    proc = subprocess.run(["bash", str(tmp_path / "job.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    serve, train = [r["srun"] for r in read_log(tmp_path) if "srun" in r]
+    key = serve["env"]["MEGAENT_API_KEY"]
+    assert key and len(key) == 64 and int(key, 16) >= 0, key
+    assert train["env"]["MEGAENT_API_KEY"] == key and key not in script and key not in proc.stdout
+    argv = serve["argv"]
+    assert argv[argv.index("--host") + 1] == "0.0.0.0"
+    if gpus:
+        assert argv[argv.index("--api-key") + 1] == key
+    else:  # the real `megaent serve` parser takes this line and, with the key in the environment, may bind 0.0.0.0
+        from megaent.cli import build_parser
+        from megaent.rollout.server import build_parser as serve_parser, is_loopback
+
+        tail = argv[argv.index("serve") + 1:]
+        assert build_parser().parse_args(["serve", *tail]).rest == tail
+        a = serve_parser().parse_args(tail)
+        assert a.model == "/models/m" and not is_loopback(a.host) and a.api_key is None
+    # Two jobs never share a key.
+    subprocess.run(["bash", str(tmp_path / "job.sh")], env=env, capture_output=True, text=True, timeout=60)
+    keys = {r["srun"]["env"]["MEGAENT_API_KEY"] for r in read_log(tmp_path) if "srun" in r}
+    assert len(keys) == 2
 
 
 @pytest.mark.parametrize("train_rc, requeued, script_rc", [(3, True, 0), (1, False, 1), (0, False, 0)])

@@ -12,11 +12,18 @@
   `agenerate` is the same for callers that already run an event loop.
 - With `params.seed`, prompt i is sent `sampling_seed = seed + i`, so a
   `megaent serve` answer does not depend on which server took the prompt.
+- `api_key` (default $MEGAENT_API_KEY) is sent as `Authorization: Bearer KEY`,
+  SGLang's `--api-key` convention, which `megaent serve` shares.
+- `sync_weights_from_disk` is the sequence SGLang expects around a weight
+  sync (slime's): POST /pause_generation (mode "retract": running requests go
+  back to the queue, nothing is lost), /flush_cache, /update_weights_from_disk,
+  and always /continue_generation.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -49,7 +56,8 @@ class SGLangClient:
     """Async HTTP client over several SGLang-compatible servers; see the module docstring."""
 
     def __init__(self, urls: Sequence[str], *, max_concurrency: int = 64, timeout_s: float = 600.0,
-                 connect_timeout_s: float = 5.0, reprobe_s: float = 5.0, max_attempts: Optional[int] = None) -> None:
+                 connect_timeout_s: float = 5.0, reprobe_s: float = 5.0, max_attempts: Optional[int] = None,
+                 api_key: Optional[str] = None) -> None:
         if not urls:
             raise RolloutError("rollout.urls is empty: give at least one server URL, e.g. http://127.0.0.1:30000")
         self.servers = [ServerSlot(u.rstrip("/")) for u in urls]
@@ -58,6 +66,7 @@ class SGLangClient:
         self.connect_timeout_s = connect_timeout_s
         self.reprobe_s = reprobe_s
         self.max_attempts = max_attempts or 2 * len(urls) + 3
+        self.api_key = api_key if api_key is not None else os.environ.get("MEGAENT_API_KEY") or None
 
     # ------------------------------------------------------------ RolloutEngine
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Sample]]:
@@ -84,6 +93,22 @@ class SGLangClient:
     def flush_cache(self) -> None:
         asyncio.run(self._broadcast("/flush_cache", None))
 
+    def pause_generation(self, mode: str = "retract") -> None:
+        """POST /pause_generation on every server (mode: "abort" | "retract" | "in_place", SGLang's)."""
+        asyncio.run(self._broadcast("/pause_generation", {"mode": mode}))
+
+    def continue_generation(self) -> None:
+        asyncio.run(self._broadcast("/continue_generation", {}))
+
+    def sync_weights_from_disk(self, path: str, *, weight_version: Optional[str] = None) -> list[dict]:
+        """pause (retract) -> flush_cache -> update_weights_from_disk -> continue, on every server."""
+        self.pause_generation("retract")
+        try:
+            self.flush_cache()
+            return self.update_weights_from_disk(path, weight_version=weight_version)
+        finally:
+            self.continue_generation()
+
     def health(self) -> list[bool]:
         """GET /health_generate on every server (also refreshes the healthy flags)."""
         async def run() -> list[bool]:
@@ -94,7 +119,9 @@ class SGLangClient:
     # ------------------------------------------------------------ internals
     def _http(self) -> httpx.AsyncClient:
         limits = httpx.Limits(max_connections=self.max_concurrency + len(self.servers), max_keepalive_connections=None)
-        return httpx.AsyncClient(timeout=httpx.Timeout(self.timeout_s, connect=self.connect_timeout_s), limits=limits)
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else None
+        return httpx.AsyncClient(timeout=httpx.Timeout(self.timeout_s, connect=self.connect_timeout_s), limits=limits,
+                                 headers=headers)
 
     def _body(self, i: int, prompt: list[int], params: SamplingParams) -> dict:
         sp: dict[str, Any] = {"n": params.n, "max_new_tokens": params.max_new_tokens,

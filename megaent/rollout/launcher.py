@@ -4,7 +4,7 @@
 `python -m sglang.launch_server --model-path M --tp-size T --mem-fraction-static F
 --host H --port P` per server (each on its own block of GPUs through
 CUDA_VISIBLE_DEVICES); `launch_megaent(model_path, ...)` runs `megaent serve`
-(`python -m megaent.rollout.server`) the same way, for CPU runs and tests.
+(the `megaent` console script) the same way, for CPU runs and tests.
 Both return a `ServerGroup` (urls, processes, stop()).
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -26,6 +27,13 @@ from megaent.rollout.types import RolloutError
 log = logging.getLogger(__name__)
 SGLANG_MISSING = ("SGLang is not installed: pip install 'megaent[sglang]' on a GPU node, or use "
                   "rollout.engine=embedded (or rollout.engine=http with `megaent serve`)")
+
+
+def megaent_command() -> list[str]:
+    """The installed `megaent` console script next to this interpreter (else on PATH, else `python -m`)."""
+    local = Path(sys.executable).with_name("megaent")
+    exe = str(local) if local.is_file() else shutil.which("megaent")
+    return [exe] if exe else [sys.executable, "-m", "megaent.cli"]
 
 
 def sglang_available() -> bool:
@@ -124,9 +132,9 @@ def launch_sglang(model_path: str, *, n_servers: int = 1, tp: int = 1, mem_fract
 def launch_megaent(model_path: str, *, ports: Sequence[int], host: str = "127.0.0.1",
                    extra_args: Sequence[str] = (), log_dir: Optional[Path] = None, timeout_s: float = 300.0,
                    env: Optional[dict] = None) -> ServerGroup:
-    """Start one `megaent serve` (TP = 1) per port on this machine."""
+    """Start one `megaent serve` (TP = 1) per port on this machine, through the `megaent` console script."""
     base_env = {**os.environ, **(env or {})}
-    cmds = [[sys.executable, "-m", "megaent.rollout.server", "--model", model_path, "--host", host, "--port", str(p),
-             *extra_args] for p in ports]
+    cmds = [[*megaent_command(), "serve", "--model", model_path, "--host", host, "--port", str(p), *extra_args]
+            for p in ports]
     return _launch(cmds, [f"http://{host}:{p}" for p in ports], [base_env] * len(ports), log_dir=log_dir,
                    timeout_s=timeout_s)

@@ -2,8 +2,10 @@
 
 - `sync_weights_disk(policy, state, path, clients)`: `megaent.model.save_hf` to a
   path every server can read (collective: call on every rank), then rank 0
-  sends `POST /update_weights_from_disk {"model_path": path}` to every server
-  (works for `megaent serve` and SGLang alike).
+  runs SGLang's pause / flush / update / continue sequence on every server
+  (`SGLangClient.sync_weights_from_disk`: /pause_generation mode "retract",
+  /flush_cache, `/update_weights_from_disk {"model_path": path}`,
+  /continue_generation; works for `megaent serve` and SGLang alike).
 - `sync_weights(engine, policy, state, path=...)`: picks the route: an
   `EmbeddedEngine` that shares the training policy needs nothing (no-op); an
   HTTP client goes through disk.
@@ -43,7 +45,7 @@ def sync_weights_disk(policy: Any, state: Any, path: Union[str, Path],
     out = save_hf(policy, state, path)
     if state.rank == 0 and clients is not None:
         for c in ([clients] if isinstance(clients, SGLangClient) else clients):
-            c.update_weights_from_disk(str(out), weight_version=weight_version)
+            c.sync_weights_from_disk(str(out), weight_version=weight_version)
     return Path(out)
 
 

@@ -11,7 +11,9 @@ Layout of a job with N training nodes and M rollout nodes (N + M nodes):
   node, MASTER_PORT = 20000 + job id % 20000 (`megaent.parallel.launch`).
 - rollout: the last M nodes each run one server (SGLang on GPUs with
   `--tp-size rollout.sglang_tp --dp-size G / sglang_tp`, `megaent serve` on
-  CPU); `python -m megaent.slurm.rollout_hosts` writes their URLs to
+  CPU), both behind a per-job API key the script generates and exports
+  (MEGAENT_API_KEY: SGLang's `--api-key`, read by `megaent serve` and the
+  trainer's SGLangClient); `python -m megaent.slurm.rollout_hosts` writes their URLs to
   RUN_DIR/rollout_hosts.txt, waits for /health, and the trainer gets
   `rollout.engine=http rollout.urls=[...]`.
 - preemption: `--signal=B:USR1@slurm.signal_before_s`, forwarded by the batch
@@ -180,12 +182,16 @@ def env_lines(spec: JobSpec) -> list[str]:
 
 
 def rollout_server_cmd(spec: JobSpec) -> str:
-    """One server per rollout node: SGLang on GPUs, `megaent serve` (same HTTP subset) on CPU."""
+    """One server per rollout node: SGLang on GPUs, `megaent serve` (same HTTP protocol) on CPU.
+
+    Both listen on every interface (the trainer is on other nodes), so both require the job's API key:
+    SGLang through `--api-key`, `megaent serve` through $MEGAENT_API_KEY (kept off its command line)."""
     q = shlex.quote
     if spec.gpus_per_node:
         return (f"{spec.python} -m sglang.launch_server --model-path {q(spec.model_path)} --host 0.0.0.0 "
                 f"--port {spec.rollout_port} --tp-size {spec.sglang_tp} "
-                f"--dp-size {spec.gpus_per_node // spec.sglang_tp} --mem-fraction-static {spec.sglang_mem_fraction}")
+                f"--dp-size {spec.gpus_per_node // spec.sglang_tp} --mem-fraction-static {spec.sglang_mem_fraction} "
+                f"--api-key \"$MEGAENT_API_KEY\"")
     return (f"{spec.python} -m megaent.cli serve --model {q(spec.model_path)} --host 0.0.0.0 "
             f"--port {spec.rollout_port}")
 
@@ -197,6 +203,10 @@ def rollout_block(spec: JobSpec) -> str:
     gpus = f" --gpus-per-node={spec.gpus_per_node}" if spec.gpus_per_node else ""
     m = spec.rollout_nodes
     return (
+        f"# A fresh API key per job: the servers require it (they listen beyond loopback), srun hands it to the\n"
+        f"# servers and the trainer through the environment (SGLangClient sends it as a Bearer token).\n"
+        f"MEGAENT_API_KEY=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n')\n"
+        f"export MEGAENT_API_KEY\n"
         f"srun --nodes={m} --ntasks={m} --ntasks-per-node=1 --nodelist=\"$ROLLOUT_NODES\"{gpus} \\\n"
         f"     --output=\"$RUN_DIR/logs/%j-rollout-%N.log\" --open-mode=append \\\n"
         f"     {rollout_server_cmd(spec)} &\n"
