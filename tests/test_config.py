@@ -85,3 +85,82 @@ def test_base_chain_and_recipes(tmp_path):
     (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
     with pytest.raises(ConfigError, match="missing.yaml not found"):
         load_config(tmp_path / "c.yaml")
+
+
+# One bad value per key of the schema (or why the key takes any value of its type). Strings are overrides that
+# load_config must refuse; ("preflight", override) are refused by `megaent.trainer.run.preflight`, which checks
+# paths and the layout before anything is built. test_every_key_has_a_check fails when a key is added without
+# a row here.
+ANY = None
+BAD = {
+    "model.path": ("preflight", "model.path=/nonexistent/model"),
+    "model.dtype": "float8", "model.backend": "cuda", "model.precision": "fp4", "model.fp8_recipe": "nope",
+    "model.activation_checkpointing": "some", "model.apex": "on", "model.compile": "maybe",
+    "model.pipeline_layers": "[1,0]", "model.demo_warmup_steps": "-1", "model.attn_implementation": "eager",
+    "parallel.tp": "0", "parallel.pp": "-1", "parallel.backend": "mpi", "parallel.timeout_s": "0",
+    "data.path": ("preflight", "data.path=/nonexistent/prompts.jsonl"),
+    "data.task": ("preflight", "data.task=sudoku"), "data.task_max_digits": "0", "data.prompt_key": "''",
+    "data.answer_key": "''", "data.max_prompt_len": "-1", "data.apply_chat_template": "maybe",
+    "data.shuffle": "maybe",
+    "reward.kind": "llm", "reward.timeout_s": "0", "reward.workers": "-1", "reward.worker_memory_gib": "0",
+    "reward.format_reward": "-0.5",
+    "rollout.engine": "vllm", "rollout.urls": "[ftp://h:1]", "rollout.n_samples": "0", "rollout.temperature": "0",
+    "rollout.top_p": "1.5", "rollout.top_k": "0", "rollout.max_new_tokens": "0", "rollout.ignore_eos": "maybe",
+    "rollout.reuse_forward": "maybe", "rollout.reuse_forward_max_gib": "-1", "rollout.request_timeout_s": "-1",
+    "rollout.weight_sync": "ftp", "rollout.sglang_mem_fraction": "1.0", "rollout.sglang_tp": "0",
+    "algorithm.policy_loss": "dpo", "algorithm.clip_ratio_low": "1.0", "algorithm.clip_ratio_high": "-0.1",
+    "algorithm.dual_clip_c": "1.0", "algorithm.clip_cov_ratio": "0.5", "algorithm.clip_cov_lb": "9",
+    "algorithm.clip_cov_ub": "0.5", "algorithm.kl_cov_ratio": "0", "algorithm.kl_cov_coef": "-1",
+    "algorithm.loss_agg": "sum", "algorithm.cov_scope": "rank", "algorithm.entropy_coef": "-1",
+    "algorithm.kl_coef": "-1", "algorithm.kl_estimator": "k2", "algorithm.advantage": "ppo",
+    "algorithm.norm_adv_by_std": "maybe", "algorithm.group_filter": "maybe", "algorithm.group_filter_max_tries": "0",
+    "optimizer.lr": "inf", "optimizer.weight_decay": "-1", "optimizer.beta1": "1.0", "optimizer.beta2": "-0.1",
+    "optimizer.eps": "0", "optimizer.grad_clip": "-1", "optimizer.warmup_steps": "-1", "optimizer.schedule": "step",
+    "optimizer.min_lr_ratio": "2", "optimizer.zero1": "maybe",
+    "trainer.steps": "0", "trainer.seed": "-1", "trainer.run_dir": ("preflight", "trainer.run_dir=/dev/null/run"),
+    "trainer.prompts_per_step": "0", "trainer.mini_batch_size": "5", "trainer.ppo_epochs": "0",
+    "trainer.max_tokens_per_micro_batch": "0", "trainer.share_prompt_prefix": "maybe",
+    "trainer.checkpoint_every": "-1", "trainer.keep_last": "0", "trainer.verify_checkpoints": "maybe",
+    "trainer.dynamics_every": "-2", "trainer.samples_to_log": "-1", "trainer.quiet": "maybe",
+    "trainer.wandb_project": ANY,  # any name; wandb checks it
+    "trainer.export_hf_every": "-1", "trainer.threads": "-1", "trainer.keep_freed_memory": "maybe",
+    "slurm.nodes": "0", "slurm.gpus_per_node": "-1", "slurm.tasks_per_node": "-1", "slurm.rollout_nodes": "-1",
+    "slurm.partition": ANY, "slurm.account": ANY,  # cluster names, checked by sbatch
+    "slurm.time": ANY,  # its format is checked by `megaent submit` (tests/test_slurm_render.py)
+    "slurm.job_name": "'two words'", "slurm.signal_before_s": "-1", "slurm.rollout_port": "70000",
+    "slurm.rollout_wait_s": "0", "slurm.extra_sbatch": "[qos]",
+    "slurm.setup": ANY,  # shell lines
+}
+
+
+def test_every_key_has_a_check():
+    keys = [k for k, _, _ in field_docs()]
+    assert sorted(BAD) == sorted(keys), f"add rows for {set(keys) - set(BAD)}; drop {set(BAD) - set(keys)}"
+
+
+@pytest.mark.parametrize("key", sorted(k for k, v in BAD.items() if v is not ANY))
+def test_bad_value_is_one_line_naming_the_key(key, tmp_path):
+    from megaent.trainer.run import preflight
+
+    bad = BAD[key]
+    with pytest.raises(ConfigError) as exc:
+        if isinstance(bad, tuple):
+            preflight(load_config(None, [bad[1], f"trainer.run_dir={tmp_path}"] if key != "trainer.run_dir"
+                                  else [bad[1]]))
+        else:
+            load_config(None, [f"{key}={bad}"])
+    msg = str(exc.value)
+    assert key in msg and "\n" not in msg, msg
+
+
+def _float_keys():
+    from megaent.config.validate import leaves
+
+    return [k for k, v in leaves(Config()) if isinstance(v, float)]
+
+
+@pytest.mark.parametrize("key", _float_keys())
+def test_every_float_must_be_finite(key):
+    for bad in ("inf", "-inf", "nan"):
+        with pytest.raises(ConfigError, match=f"{key}=.*: must be a finite number"):
+            load_config(None, [f"{key}={bad}"])

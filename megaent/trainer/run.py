@@ -114,6 +114,11 @@ def preflight(cfg: Config) -> None:
     if cfg.data.path and not Path(cfg.data.path).is_file():
         raise ConfigError(f"data.path={cfg.data.path!r}: file not found; give a .jsonl or .parquet prompt file "
                           "(or leave it empty for the synthetic demo task)")
+    from megaent.rewards.synthetic import TASKS
+
+    if not cfg.data.path and cfg.data.task not in TASKS:
+        raise ConfigError(f"data.task={cfg.data.task!r}: unknown synthetic task; choose one of {sorted(TASKS)} or "
+                          "set data.path to a prompt file")
     target = Path(cfg.trainer.run_dir) if cfg.trainer.run_dir else Path("runs")
     probe = target
     while not probe.exists() and probe != probe.parent:
