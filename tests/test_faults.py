@@ -387,3 +387,91 @@ def test_14_torchrun_exits_3_when_every_rank_checkpointed(tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 3, err[-3000:]
     assert latest_checkpoint(run) is not None
+
+
+# ---------------------------------------------------------------- 9, acceptance: 20 x kill -9
+class _ForkServer:
+    """`megaent train` runs forked from one pre-imported process (tests/fork_server.py)."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fork_server.py")], cwd=ROOT, env=_env(),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def _ask(self, line):
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return int(self.proc.stdout.readline())
+
+    def start(self, argv, log):
+        return self._ask(f"run {json.dumps(argv)} {log}")
+
+    def wait(self, pid):
+        return self._ask(f"wait {pid}")
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def _complete_steps(run):
+    return sorted(int(p.name[5:]) for p in (run / "checkpoints").glob("step_*") if (p / "COMPLETE").is_file()) \
+        if (run / "checkpoints").is_dir() else []
+
+
+def _wait_for(cond, what, deadline_s=120.0):
+    deadline = time.monotonic() + deadline_s
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.002)
+
+
+@pytest.mark.slow
+def test_20_kill9_and_resumes_equal_an_uninterrupted_run(tmp_path):
+    """20 kill -9s: 3 before the first checkpoint completes, then mid-step or mid-save at random; every restart
+    is `megaent train --resume RUN`. Before: the kills before the first checkpoint left duplicate rows."""
+    import random
+
+    steps = 20
+    base = ["train", "configs/demo.yaml", *SMALL, f"trainer.steps={steps}", "trainer.checkpoint_every=1"]
+    server = _ForkServer()
+    t0 = time.monotonic()
+    try:
+        ref = tmp_path / "ref"
+        assert server.wait(server.start([*base, f"trainer.run_dir={ref}"], str(tmp_path / "ref.log"))) == 0, \
+            (tmp_path / "ref.log").read_text()[-3000:]
+        t_ref = time.monotonic() - t0
+        run, log = tmp_path / "run", str(tmp_path / "run.log")
+        rng = random.Random(21)
+        kinds = ["before_first_save"] * 3 + [rng.choice(["mid_step", "mid_save"]) for _ in range(17)]
+        done, counts = False, {}
+        for i, kind in enumerate(kinds):
+            pid = server.start([*base, f"trainer.run_dir={run}"] if i == 0 else ["train", "--resume", str(run)], log)
+            had = _complete_steps(run)
+            if kind == "before_first_save":
+                assert not had
+                _wait_for(lambda: _rows(run) or not os.path.exists(f"/proc/{pid}"), "the first metrics row")
+                time.sleep(rng.uniform(0, 0.05))
+            elif kind == "mid_save":
+                _wait_for(lambda: any((run / "checkpoints").glob(".tmp-step_*")) or not os.path.exists(f"/proc/{pid}"),
+                          "a checkpoint being written")
+            else:
+                _wait_for(lambda: _complete_steps(run)[-1:] > had[-1:] or not os.path.exists(f"/proc/{pid}"),
+                          "one more checkpoint")
+                time.sleep(rng.uniform(0, 0.2))
+            os.kill(pid, signal.SIGKILL)
+            code = server.wait(pid)
+            if code == 0:  # it finished before the kill landed
+                done = True
+                break
+            assert code == -signal.SIGKILL, (kind, code, Path(log).read_text()[-3000:])
+            counts[kind] = counts.get(kind, 0) + 1
+        if not done:
+            assert server.wait(server.start(["train", "--resume", str(run)], log)) == 0, Path(log).read_text()[-3000:]
+        took = time.monotonic() - t0
+    finally:
+        server.close()
+    got, want = _rows(run), _rows(ref)
+    assert [r["step"] for r in got] == list(range(1, steps + 1))  # no step twice, none missing
+    assert got == want  # bitwise equal to the uninterrupted run
+    assert sum(counts.values()) == 20, counts
+    print(json.dumps({"kills": counts, "seconds": round(took, 1), "reference_run_s": round(t_ref, 1)}))
