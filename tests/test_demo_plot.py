@@ -1,8 +1,10 @@
 """`megaent plot` seed groups and the demo's seed table (megaent/trainer/plots.py).
 
 Compares against numpy statistics computed here on synthetic metrics.jsonl files (random curves, some runs
-shorter, some rows missing a key), and checks that the PNG is written for grouped, ungrouped and mixed runs
-and that the CLI verb still works. No training; runs in a few seconds:
+shorter, some rows missing a key), and checks that the PNG is written for grouped, ungrouped and mixed runs,
+that every panel has labelled axes, that the reward-vs-entropy panel draws the law fitted by
+megaent.algorithms.entropy_law with its ceiling b - a at H = 0, and that the CLI verb works on a shell glob
+that also matches the runs' .log files. No training; runs in a few seconds:
 
     OMP_NUM_THREADS=1 python -m pytest tests/test_demo_plot.py -q
 """
@@ -17,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megaent.trainer.plots import band, fifth_means, format_summary, group_runs, plot_runs, seed_summary
+from megaent.algorithms.entropy_law import fit_entropy_law
+from megaent.trainer.plots import band, build_figure, fifth_means, format_summary, group_runs, plot_runs, \
+    seed_summary
 
 KEYS = ("entropy/mean", "reward/mean", "cov/mean", "cov/top_0.02pct", "response/length_mean")
 
@@ -118,3 +122,39 @@ def test_plot_writes_png_grouped_ungrouped_and_cli(tmp_path: Path, runs: dict[st
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert out.is_file() and res.stdout.strip().endswith("cli.png")
+
+
+def test_every_axis_labelled_and_law_fitted_with_ceiling(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    h = np.linspace(0.7, 0.3, 40) + rng.normal(0, 0.01, 40)
+    r = -0.5 * np.exp(h) + 1.2 + rng.normal(0, 0.01, 40)
+    vals = rng.random((40, len(KEYS)))
+    vals[:, 0], vals[:, 1] = h, r
+    _write_run(tmp_path / "grpo_seed0", vals)
+    fig = build_figure([tmp_path / "grpo_seed0"])
+    axes = fig.get_axes()
+    assert len(axes) == 6
+    for ax in axes:
+        assert ax.get_xlabel() and ax.get_ylabel(), ax.get_title()
+        assert "(" in ax.get_ylabel() or "/" in ax.get_ylabel(), f"no unit in {ax.get_ylabel()!r}"
+    law = next(ax for ax in axes if "entropy" in ax.get_xlabel())
+    fit = fit_entropy_law(h, r)
+    (curve,) = [ln for ln in law.get_lines() if ln.get_gid() == "law-fit"]
+    xs, ys = curve.get_data()
+    assert xs[0] == 0.0 and xs[-1] == pytest.approx(h.max())
+    np.testing.assert_allclose(ys, -fit.a * np.exp(xs) + fit.b, rtol=1e-12)
+    (star,) = [ln for ln in law.get_lines() if ln.get_gid() == "law-ceiling"]
+    assert list(star.get_xdata()) == [0.0] and star.get_ydata()[0] == pytest.approx(fit.b - fit.a)
+    assert f"ceiling {fit.b - fit.a:.3f}" in curve.get_label()
+
+
+def test_cli_plot_glob_skips_log_files(tmp_path: Path, runs: dict[str, np.ndarray]) -> None:
+    for name in runs:
+        (tmp_path / f"{name}.log").write_text("a log, not a run\n")
+    out = tmp_path / "glob.png"
+    res = subprocess.run(f"megaent plot {tmp_path}/*_seed* --out {out}", shell=True, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert out.is_file() and "skipping 5 file(s)" in res.stderr
+    res = subprocess.run(["megaent", "plot", str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "no such run directory" in res.stderr and "Traceback" not in res.stderr

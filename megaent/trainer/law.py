@@ -39,21 +39,24 @@ def fit_run(run_dir: str | Path, *, early_fraction: float = 0.25) -> dict:
 
 
 def plot_fits(run_dirs: Sequence[str | Path], fits: Sequence[dict], out: Path) -> Path:
+    """Points of each run and its fitted curve from H = 0, the ceiling R(H=0) = b - a marked (draw_law)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from megaent.trainer.plots import ENTROPY, REWARD, draw_law
+
     fig, ax = plt.subplots(figsize=(7, 5))
-    for d, f in zip(run_dirs, fits):
+    for i, d in enumerate(run_dirs):
         h, r = run_points(d)
-        pts = ax.scatter(h, r, s=12, label=f"{Path(d).name}")
-        grid = np.linspace(min(h.min(), 0.0), h.max(), 100)
-        ax.plot(grid, -f["a"] * np.exp(grid) + f["b"], color=pts.get_facecolor()[0],
-                label=f"R = -{f['a']:.3g} exp(H) + {f['b']:.3g}  (R2 {f['r2']:.2f}, ceiling {f['ceiling']:.3f})")
-    ax.set_xlabel("policy entropy H")
-    ax.set_ylabel("reward R")
-    ax.set_title("entropy-performance law")
+        color = f"C{i % 10}"
+        ax.scatter(h, r, s=12, color=color, alpha=0.6, label=f"{Path(d).name} ({h.size} steps)")
+        draw_law(ax, h, r, color=color)
+    ax.set_xlabel(ENTROPY)
+    ax.set_ylabel(REWARD)
+    ax.set_xlim(left=-0.02)
+    ax.set_title("entropy-performance law R = -a exp(H) + b (star: ceiling R(H=0) = b - a)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

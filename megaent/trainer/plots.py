@@ -17,8 +17,17 @@ from typing import Optional, Sequence
 
 from megaent.trainer.metrics import read_metrics
 
-PANELS = (("entropy/mean", "policy entropy (token mean)"), ("reward/mean", "reward (mean)"),
-          ("cov/mean", "Cov(log pi, A) (token mean)"), ("cov/top_0.02pct", "top-0.02% covariance"))
+# Axis labels with units. Entropy is the token mean of -sum_v p log p in nats; covariance is the token mean of
+# (log pi - mean)(A - mean), in nats x advantage units (advantages are group-normalised, so unitless).
+STEP = "RL step (one rollout batch)"
+ENTROPY = "policy entropy H (nats / token)"
+REWARD = "reward R (mean per response)"
+COV = "covariance (nats x advantage)"
+PANELS = (("entropy/mean", "policy entropy (token mean)", ENTROPY),
+          ("reward/mean", "reward (mean over responses)", REWARD),
+          ("cov/mean", "Cov(log pi, A) (token mean)", COV),
+          ("cov/top_0.02pct", "top-0.02% covariance (mean of the largest)", COV),
+          ("response/length_mean", "response length (mean)", "tokens / response"))
 _SEED_DIR = re.compile(r"^(?P<name>.+)_seed(?P<seed>\d+)$")
 
 
@@ -128,11 +137,32 @@ def _label(name: str, dirs: list[Path]) -> str:
     return f"{name} ({len(dirs)} seed{'s' if len(dirs) > 1 else ''})"
 
 
-def plot_runs(run_dirs: Sequence[str | Path], *, out: Optional[str | Path] = None) -> Path:
-    """Write a 2x3 grid of curves for `run_dirs` and return the PNG path.
+def draw_law(ax, h: Sequence[float], r: Sequence[float], *, color=None, label: str = "") -> Optional[dict]:
+    """Fit R = -a exp(H) + b (Cui et al. 2025, Eq. 1) to the points (h, r) and draw the fitted curve from
+    H = 0 to the largest H, with the predicted ceiling R(H=0) = b - a marked at H = 0. Returns
+    {"a", "b", "r2", "ceiling"}, or None (nothing drawn) with fewer than 3 points or no spread in H."""
+    import numpy as np
 
-    Label = directory name; `<name>_seed<N>` directories are drawn as one group (mean line, min-max band).
-    """
+    from megaent.algorithms.entropy_law import fit_entropy_law
+
+    h_arr, r_arr = np.asarray(h, dtype=np.float64), np.asarray(r, dtype=np.float64)
+    if h_arr.size < 3 or np.ptp(h_arr) == 0:
+        return None
+    fit = fit_entropy_law(h_arr, r_arr)
+    grid = np.linspace(0.0, h_arr.max(), 100)
+    prefix = f"{label}: " if label else ""
+    ax.plot(grid, fit.predict(grid), color=color, linewidth=1.5, gid="law-fit",
+            label=f"{prefix}R = -{fit.a:.3g} exp(H) + {fit.b:.3g}, R2 {fit.r2:.2f}, ceiling {fit.ceiling:.3f}")
+    ax.plot([0.0], [fit.ceiling], marker="*", markersize=12, color=color, linestyle="none", gid="law-ceiling",
+            label="_nolegend_")
+    ax.annotate(f"{fit.ceiling:.3f}", (0.0, fit.ceiling), xytext=(8, -3), textcoords="offset points",
+                fontsize=7, color=color)
+    return {"a": fit.a, "b": fit.b, "r2": fit.r2, "ceiling": fit.ceiling}
+
+
+def build_figure(run_dirs: Sequence[str | Path]):
+    """The 2x3 figure of `plot_runs` (a matplotlib Figure; the caller saves and closes it): five curves per
+    step and reward against entropy with the fitted law per method."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,30 +170,42 @@ def plot_runs(run_dirs: Sequence[str | Path], *, out: Optional[str | Path] = Non
 
     groups = [(_label(name, dirs), [read_metrics(d) for d in dirs]) for name, dirs in group_runs(run_dirs).items()]
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-    flat = axes.ravel()
-    for ax, (key, title) in zip(flat, PANELS):
+    curve_axes = [axes[0, 0], axes[0, 1], axes[1, 0], axes[1, 1], axes[0, 2]]
+    for ax, (key, title, ylabel) in zip(curve_axes, PANELS):
         for label, runs in groups:
             _draw_band(ax, runs, key, label)
         ax.set_title(title)
-        ax.set_xlabel("step")
+        ax.set_xlabel(STEP)
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    ax = flat[4]
-    for label, runs in groups:
+    ax = axes[1, 2]
+    for i, (label, runs) in enumerate(groups):
         pts = [(r["entropy/mean"], r["reward/mean"]) for rows in runs for r in rows
                if r.get("entropy/mean") is not None and r.get("reward/mean") is not None]
         if pts:
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=10, label=label)
-    ax.set_title("reward vs entropy (R = -a exp(H) + b)")
-    ax.set_xlabel("entropy")
+            color = f"C{i % 10}"
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=8, alpha=0.5, color=color)
+            draw_law(ax, [p[0] for p in pts], [p[1] for p in pts], color=color, label=label)
+    ax.set_title("reward vs entropy, fitted R = -a exp(H) + b\n(star: ceiling R(H=0) = b - a)", fontsize=10)
+    ax.set_xlabel(ENTROPY)
+    ax.set_ylabel(REWARD)
+    ax.set_xlim(left=-0.02)
     ax.grid(alpha=0.3)
-    ax = flat[5]
-    for label, runs in groups:
-        _draw_band(ax, runs, "response/length_mean", label)
-    ax.set_title("response length (mean tokens)")
-    ax.set_xlabel("step")
-    ax.grid(alpha=0.3)
-    flat[0].legend(fontsize=8)
+    ax.legend(fontsize=7)
+    axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot_runs(run_dirs: Sequence[str | Path], *, out: Optional[str | Path] = None) -> Path:
+    """Write the 2x3 grid of `build_figure` for `run_dirs` and return the PNG path (default
+    FIRST_RUN_DIR/curves.png).
+
+    Label = directory name; `<name>_seed<N>` directories are drawn as one group (mean line, min-max band).
+    """
+    import matplotlib.pyplot as plt
+
+    fig = build_figure(run_dirs)
     path = Path(out) if out else Path(run_dirs[0]) / "curves.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
