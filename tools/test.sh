@@ -10,7 +10,7 @@
 # Extra arguments go to pytest: bash tools/test.sh tests/test_cli_help.py -x
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install -q -e '.[cpu,test]'
+python -m pip install -q -e '.[cpu,test]' && python -m pip install -q --no-deps 'sglang==0.5.23'
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 export MEGAENT_SLURM_TESTS=${MEGAENT_SLURM_TESTS:-1}
 
