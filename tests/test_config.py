@@ -108,7 +108,7 @@ BAD = {
     "rollout.top_p": "1.5", "rollout.top_k": "0", "rollout.max_new_tokens": "0", "rollout.ignore_eos": "maybe",
     "rollout.reuse_forward": "maybe", "rollout.reuse_forward_max_gib": "-1", "rollout.request_timeout_s": "-1",
     "rollout.weight_sync": "ftp", "rollout.sglang_mem_fraction": "1.0", "rollout.sglang_tp": "0",
-    "algorithm.policy_loss": "dpo", "algorithm.clip_ratio_low": "1.0", "algorithm.clip_ratio_high": "-0.1",
+    "algorithm.policy_loss": "dpo", "algorithm.clip_ratio_low": "1.5", "algorithm.clip_ratio_high": "-0.1",
     "algorithm.dual_clip_c": "1.0", "algorithm.clip_cov_ratio": "0.5", "algorithm.clip_cov_lb": "9",
     "algorithm.clip_cov_ub": "0.5", "algorithm.kl_cov_ratio": "0", "algorithm.kl_cov_coef": "-1",
     "algorithm.loss_agg": "sum", "algorithm.cov_scope": "rank", "algorithm.entropy_coef": "-1",

@@ -55,7 +55,8 @@ RULES: dict[str, Rule] = {
     "rollout.request_timeout_s": _positive(" seconds; the default is 600"),
     "rollout.sglang_mem_fraction": _unit(True, True, "; SGLang's default is 0.8"),
     "rollout.sglang_tp": _at_least(1),
-    "algorithm.clip_ratio_low": ((lambda v: 0 <= v < 1), "must be in [0, 1); usually 0.2"),
+    "algorithm.clip_ratio_low": ((lambda v: 0 <= v <= 1), "must be in [0, 1]; usually 0.2 (the paper's Clip-Cov "
+                                 "scripts use 1: no lower bound)"),
     "algorithm.clip_ratio_high": _at_least(0, "; usually 0.2 or 0.28"),
     "algorithm.dual_clip_c": ((lambda v: v is None or v > 1), "must be > 1 (e.g. 3.0) or null to disable"),
     "algorithm.clip_cov_ratio": ((lambda v: 0 < v <= 0.1),
