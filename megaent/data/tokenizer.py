@@ -8,7 +8,7 @@ between tokens) and drops specials when asked.
 Saved HF-style with `PreTrainedTokenizerFast.save_pretrained`. Load it back
 with `AutoTokenizer` only from a folder whose config.json names a `llama`
 model: a `qwen2` config makes transformers 5 rebuild a Qwen2Tokenizer that
-re-tokenizes differently (see shared/notes/tokenizers.md), which is why the
+re-tokenizes differently (tests/test_data_prompts.py round-trips it), which is why the
 demo policy is a Llama-family model.
 """
 from __future__ import annotations

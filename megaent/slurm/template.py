@@ -5,7 +5,7 @@ needed); `render.fill` refuses unknown or unused names. The skeleton is fixed
 logic (signal forwarding, the wait loop, requeue); the variable parts (sbatch
 header, environment, rollout servers, the train command) are rendered blocks.
 
-Why this shape (measured facts in /work/shared/notes/slurm-local.md):
+Why this shape (measured on a local Slurm 22.05 cluster, tests/test_slurm_cluster.py):
 - `--signal=B:USR1@N` reaches only this batch shell, and bash runs a trap only
   after the foreground command ends, so the trainer runs as `srun ... &` and
   the shell sits in `wait`, which a trapped signal interrupts. The trap sends
