@@ -53,8 +53,19 @@ def _prepare_run_dir(run_dir: Path, cfg: Config, rank: int) -> None:
         except OSError as exc:
             raise ConfigError(f"trainer.run_dir={str(run_dir)!r}: cannot write there ({exc.strerror}); "
                               "choose a writable directory") from None
-        if not list_checkpoints(run_dir):  # a resumed run's file follows its checkpoints (save_checkpoint)
+        found = list_checkpoints(run_dir)
+        if not found:  # a resumed run's file follows its checkpoints (save_checkpoint)
             write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
+        elif (found[-1][1] / "config.yaml").is_file():
+            try:
+                theirs = unresolved((found[-1][1] / "config.yaml").read_text(), source="checkpoint")
+            except ConfigError:
+                return  # resume checks it
+            diff = [k for k in _differences(unresolved(to_yaml(cfg), source="config"), theirs)
+                    if k != "trainer.run_dir"]
+            if diff:
+                log.warning("continuing %s with a config that differs from its checkpoint's at %s: the new "
+                            "values apply from step %d on", run_dir, ", ".join(diff[:4]), found[-1][0] + 1)
 
 
 def _world_size() -> int:
@@ -84,8 +95,6 @@ def check_layout(cfg: Config, *, world: int) -> None:
                           "lower tp/pp")
     import json
 
-    from megaent.model.arch import stage_layer_ranges
-
     if cfg.model.path:
         try:
             arch = json.loads((Path(cfg.model.path) / "config.json").read_text())
@@ -100,10 +109,24 @@ def check_layout(cfg: Config, *, world: int) -> None:
         if n % tp:
             raise ConfigError(f"parallel.tp={tp}: does not divide the model's {name}={n}; choose a tp that "
                               "divides it")
+    # megaent.model.arch.stage_layer_ranges' rule, restated: importing megaent.model pulls megatron-core in
+    # (seconds, and its INFO lines) before a one-line usage error.
+    layers, split = int(arch.get("num_hidden_layers", pp)), cfg.model.pipeline_layers
+    if split is None and pp > layers:
+        raise ConfigError(f"parallel.pp={pp}: exceeds the model's num_hidden_layers={layers}; use pp <= {layers}")
+    if split is not None and sum(split) != layers:
+        raise ConfigError(f"model.pipeline_layers={split}: must sum to the model's num_hidden_layers={layers}")
+
+
+def _can_create_in(directory: Path) -> bool:
+    """os.access says yes to root everywhere (/proc included); creating a directory tells the truth."""
+    import tempfile
+
     try:
-        stage_layer_ranges(int(arch.get("num_hidden_layers", pp)), pp, cfg.model.pipeline_layers)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+        os.rmdir(tempfile.mkdtemp(prefix=".megaent-probe-", dir=directory))
+    except OSError:
+        return False
+    return True
 
 
 def preflight(cfg: Config) -> None:
@@ -123,7 +146,7 @@ def preflight(cfg: Config) -> None:
     probe = target
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    if not os.access(probe, os.W_OK) or (probe.exists() and not probe.is_dir()):
+    if not os.access(probe, os.W_OK) or (probe.exists() and not probe.is_dir()) or not _can_create_in(probe):
         raise ConfigError(f"trainer.run_dir={str(target)!r}: {probe} is not a writable directory; choose a "
                           "writable trainer.run_dir")
     check_layout(cfg, world=_world_size())
