@@ -1,0 +1,195 @@
+"""SGLang's native `/generate` contract on `megaent serve` (console script, loopback), feature by feature.
+
+References: the in-process `EmbeddedEngine` with the same seeds (a seeded sample does not depend on stop
+settings or batch company, so the expected answer of a stop string / regex / min_new_tokens request is the
+unconstrained sample cut where SGLang's scheduler would cut it: managers/schedule_batch.py
+`_check_str_based_finish`, text trimmed as detokenizer_manager.py `trim_matched_stop`); the server's own
+output log-probs for the input-token log-probs (teacher forcing the sampled tokens must give their sampling
+log-probs back); SGLang's SSE framing and field names (entrypoints/http_server.py, tokenizer_manager.py).
+
+Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_rollout_server_protocol.py
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from hf_tiny import make_tiny_hf
+
+from megaent.parallel.launch import free_port
+from megaent.rollout.launcher import launch_megaent
+from megaent.rollout.types import SamplingParams
+
+pytestmark = pytest.mark.slow
+PROMPT = [5, 17, 33, 8]
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    return make_tiny_hf(tmp_path_factory.mktemp("proto") / "m", "qwen2", vocab_size=320, layers=2, seed=4)
+
+
+@pytest.fixture(scope="module")
+def url(hf_dir, tmp_path_factory):
+    group = launch_megaent(str(hf_dir), ports=[free_port()], log_dir=tmp_path_factory.mktemp("logs"),
+                           env={"OMP_NUM_THREADS": "1"}, timeout_s=240)
+    yield group.urls[0]
+    group.stop()
+
+
+@pytest.fixture(scope="module")
+def local(hf_dir):
+    from megaent.parallel import init_parallel
+    from megaent.rollout.embedded import EmbeddedEngine
+
+    return EmbeddedEngine.from_hf(hf_dir, init_parallel(1, 1))
+
+
+@pytest.fixture(scope="module")
+def tok(hf_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(hf_dir)
+
+
+@pytest.fixture()
+def http():
+    with httpx.Client(timeout=120) as c:
+        yield c
+
+
+def _sample(local, prompt=PROMPT, **kw):
+    return local.generate([prompt], SamplingParams(**kw))[0][0]
+
+
+def _ascii_stop(tok, ids):
+    """(index, character) of the first output token that decodes to a printable ASCII character seen first there."""
+    seen = ""
+    for j, t in enumerate(ids):
+        s = tok.decode([t])
+        if len(s) == 1 and s.isascii() and s.isprintable() and s not in tok.decode(ids[:j]) and j >= 2:
+            return j, s
+        seen += s
+    pytest.skip("the seeded sample has no usable ASCII token")  # pragma: no cover - seed chosen to have one
+
+
+def test_stop_strings_and_regex_cut_and_trim_like_sglang(url, http, local, tok):
+    ref = _sample(local, max_new_tokens=40, seed=11, ignore_eos=True).output_ids
+    j, ch = _ascii_stop(tok, ref)
+    base = {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 40, "sampling_seed": 11, "ignore_eos": True}}
+    for extra, matched in (({"stop": ["\x00never", ch]}, ch), ({"stop_regex": [f"[{ch}]"]}, f"[{ch}]")):
+        for trim in (False, True):
+            body = {**base, "sampling_params": {**base["sampling_params"], **extra, "no_stop_trim": trim}}
+            out = http.post(url + "/generate", json=body).json()
+            assert out["output_ids"] == ref[:j + 1], extra
+            assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": matched}
+            full = tok.decode(ref[:j + 1])
+            if "stop" in extra:
+                assert out["text"] == (full if trim else full[:full.find(ch)])
+            else:  # SGLang trims text.find(pattern): a regex pattern is not found in the text, nothing is cut
+                assert out["text"] == full
+
+
+def test_min_new_tokens_and_stop_token_ids(url, http, local):
+    ref = _sample(local, max_new_tokens=30, seed=12, ignore_eos=True).output_ids
+    stop = ref[3]
+    later = [k for k in range(8, len(ref)) if ref[k] in (stop, *local.eos_token_ids)]
+    body = {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 30, "sampling_seed": 12,
+                                                     "stop_token_ids": [stop], "min_new_tokens": 8}}
+    out = http.post(url + "/generate", json=body).json()
+    cut = later[0] + 1 if later else 30
+    assert out["output_ids"] == ref[:cut]
+    plain = http.post(url + "/generate", json={**body, "sampling_params": {
+        **body["sampling_params"], "min_new_tokens": 0, "ignore_eos": True}}).json()
+    assert plain["output_ids"] == ref[:4] and plain["meta_info"]["finish_reason"] == {"type": "stop",
+                                                                                      "matched": stop}
+
+
+def test_per_prompt_sampling_params_zero_tokens_and_rids(url, http, local):
+    prompts = [PROMPT, [40, 41], [7, 7, 9]]
+    sps = [{"max_new_tokens": 5, "sampling_seed": 1, "ignore_eos": True},
+           {"max_new_tokens": 0},
+           {"max_new_tokens": 3, "temperature": 0, "ignore_eos": True}]
+    out = http.post(url + "/generate", json={"input_ids": prompts, "sampling_params": sps, "rid": "r"}).json()
+    assert [o["meta_info"]["id"] for o in out] == ["r_0", "r_1", "r_2"]
+    assert out[0]["output_ids"] == _sample(local, max_new_tokens=5, seed=1, ignore_eos=True).output_ids
+    assert out[1]["output_ids"] == [] and out[1]["meta_info"]["finish_reason"] == {"type": "length", "length": 0}
+    assert out[2]["output_ids"] == _sample(local, prompts[2], max_new_tokens=3, temperature=0.0,
+                                           ignore_eos=True).output_ids
+    one = http.post(url + "/generate", json={"input_ids": PROMPT, "rid": "solo",
+                                             "sampling_params": {"max_new_tokens": 2}}).json()
+    assert one["meta_info"]["id"] == "solo"
+    r = http.post(url + "/generate", json={"input_ids": prompts, "sampling_params": sps[:2]})
+    assert r.status_code == 400 and "one per prompt" in r.json()["error"]["message"]
+
+
+def test_input_token_logprobs_give_back_the_sampling_logprobs(url, http):
+    gen = http.post(url + "/generate", json={"input_ids": PROMPT, "return_logprob": True, "sampling_params": {
+        "max_new_tokens": 10, "sampling_seed": 2, "ignore_eos": True}}).json()
+    meta = gen["meta_info"]
+    assert meta["input_token_logprobs"] == []  # logprob_start_len = -1: output tokens only (SGLang's default)
+    ids = PROMPT + gen["output_ids"]
+    score = http.post(url + "/generate", json={
+        "input_ids": ids, "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": 3,
+        "return_text_in_logprobs": True, "sampling_params": {"max_new_tokens": 0}}).json()["meta_info"]
+    inp = score["input_token_logprobs"]
+    assert [x[1] for x in inp] == ids and inp[0][0] is None and all(isinstance(x[2], str) for x in inp)
+    torch.testing.assert_close(torch.tensor([x[0] for x in inp[len(PROMPT):]]),
+                               torch.tensor([x[0] for x in meta["output_token_logprobs"]]), rtol=0, atol=1e-4)
+    tops = score["input_top_logprobs"]
+    assert tops[0] is None and all(len(t) == 3 for t in tops[1:])
+    for (lp, _, _), top in zip(inp[1:], tops[1:]):
+        assert top[0][0] >= lp - 1e-5 and [t[0] for t in top] == sorted((t[0] for t in top), reverse=True)
+    start = http.post(url + "/generate", json={"input_ids": ids, "return_logprob": True, "logprob_start_len": 2,
+                                               "sampling_params": {"max_new_tokens": 0}}).json()["meta_info"]
+    assert [x[1] for x in start["input_token_logprobs"]] == ids[2:]
+
+
+def _sse(resp_text: str) -> list:
+    frames = [f for f in resp_text.split("\n\n") if f]
+    assert all(f.startswith("data: ") for f in frames) and frames[-1] == "data: [DONE]"
+    return [json.loads(f[len("data: "):]) for f in frames[:-1]]
+
+
+def test_stream_is_sglang_sse_and_ends_with_the_plain_answer(url, http):
+    body = {"input_ids": PROMPT, "return_logprob": True,
+            "sampling_params": {"max_new_tokens": 8, "sampling_seed": 4, "ignore_eos": True}}
+    plain = http.post(url + "/generate", json=body).json()
+    r = http.post(url + "/generate", json={**body, "stream": True})
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = _sse(r.text)
+    assert len(events) == 8 and events[-1]["output_ids"] == plain["output_ids"]
+    assert events[-1]["text"] == plain["text"] and events[-1]["meta_info"]["finish_reason"] is not None
+    assert all(e["meta_info"]["finish_reason"] is None for e in events[:-1])
+    assert all(plain["text"].startswith(e["text"]) for e in events)  # cumulative, never taken back
+    batch = _sse(http.post(url + "/generate", json={**body, "input_ids": [PROMPT, [40, 41]], "stream": True}).text)
+    assert {e["index"] for e in batch} == {0, 1}
+
+
+def test_pause_continue_abort_and_weight_version(url, http):
+    body = {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 4}, "rid": "held"}
+    assert http.post(url + "/pause_generation", json={"mode": "in_place"}).json() == {
+        "message": "Generation paused successfully.", "status": "ok"}
+    got: dict = {}
+    th = threading.Thread(target=lambda: got.setdefault("r", http.post(url + "/generate", json=body).json()))
+    th.start()
+    time.sleep(0.5)
+    assert th.is_alive()  # held while paused
+    assert http.get(url + "/health_generate").status_code == 200  # a paused server is healthy
+    assert http.post(url + "/abort_request", json={"rid": "held"}).status_code == 200
+    th.join(timeout=30)
+    assert got["r"]["meta_info"]["finish_reason"]["type"] == "abort" and got["r"]["output_ids"] == []
+    assert http.post(url + "/continue_generation", json={}).json()["status"] == "ok"
+    assert len(http.post(url + "/generate", json=body).json()["output_ids"]) <= 4
+    v = http.post(url + "/update_weight_version", json={"new_version": "step-9"}).json()
+    assert v == {"success": True, "message": "Weight version updated to step-9", "new_version": "step-9"}
+    assert http.get(url + "/model_info").json()["weight_version"] == "step-9"
+    info = http.get(url + "/server_info").json()
+    assert info == http.get(url + "/get_server_info").json()  # the deprecated alias
+    assert isinstance(info["internal_states"], list) and info["tp_size"] == 1
+    assert http.post(url + "/pause_generation", json={"mode": "later"}).status_code == 400
