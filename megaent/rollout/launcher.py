@@ -134,7 +134,7 @@ def launch_megaent(model_path: str, *, ports: Sequence[int], host: str = "127.0.
                    env: Optional[dict] = None) -> ServerGroup:
     """Start one `megaent serve` (TP = 1) per port on this machine, through the `megaent` console script."""
     base_env = {**os.environ, **(env or {})}
-    cmds = [[*megaent_command(), "serve", "--model", model_path, "--host", host, "--port", str(p), *extra_args]
-            for p in ports]
+    bind = [] if host == "127.0.0.1" else ["--host", host]  # default: the README's `megaent serve --model M --port P`
+    cmds = [[*megaent_command(), "serve", "--model", model_path, *bind, "--port", str(p), *extra_args] for p in ports]
     return _launch(cmds, [f"http://{host}:{p}" for p in ports], [base_env] * len(ports), log_dir=log_dir,
                    timeout_s=timeout_s)

@@ -36,7 +36,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from megaent.rollout.types import SamplingParams
+from megaent.rollout.types import Sample, SamplingParams
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 32 * 2**20
@@ -321,11 +321,9 @@ def parse_generate(body: Any, *, tokenizer: Any, vocab_size: int, context_len: i
     for job in jobs:
         for p in job.prompts:
             check_context(len(p), job.opts.max_new_tokens, context_len=context_len)
-    where = "" if single else "[*]"
     return_logprob = get_bool(body, "return_logprob", False, where="")
     top_n = get_int(body, "top_logprobs_num", 0, where="", lo=0, hi=vocab_size)
     start = get_int(body, "logprob_start_len", -1, where="", lo=-1, hi=INT64 - 1)
-    del where
     single = single and n == 1
     return GenerateRequest(jobs=jobs, n_prompts=len(prompts), single=single,
                            rids=_rids(body.get("rid"), len(prompts), n, single),
@@ -346,10 +344,8 @@ def _rids(rid: Any, n_prompts: int, n: int, single: bool) -> list[str]:
     raise BadRequest(f"rid={rid!r:.80}: must be a string or a list of one string per prompt")
 
 
-def parse_sample(obj: dict, prompt_ids: list[int]) -> "Sample":
+def parse_sample(obj: dict, prompt_ids: list[int]) -> Sample:
     """One SGLang response object (with return_logprob) -> Sample; used by the client."""
-    from megaent.rollout.types import Sample
-
     meta = obj.get("meta_info", {})
     lps = meta.get("output_token_logprobs")
     if lps is None:
