@@ -66,6 +66,15 @@ def test_tp2_server_under_torchrun_matches_tp1_engine(tmp_path):
             for g, w in zip(got, want):
                 for a, b in zip(g, w):
                     torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)
+            # Teacher-forced input log-probs run on both ranks (the TP bus) and give the sampling log-probs back.
+            import httpx
+
+            ids = PROMPTS[0] + got[0][0].output_ids
+            meta = httpx.post(url + "/generate", timeout=60, json={
+                "input_ids": ids, "return_logprob": True, "logprob_start_len": len(PROMPTS[0]),
+                "sampling_params": {"max_new_tokens": 0, "temperature": 0.8}}).json()["meta_info"]
+            torch.testing.assert_close(torch.tensor([x[0] for x in meta["input_token_logprobs"]]),
+                                       torch.tensor(got[0][0].logprobs), rtol=0, atol=1e-4)
             greedy = SamplingParams(max_new_tokens=8, temperature=0.0, seed=0)
             before = client.generate(PROMPTS, greedy)
             assert _ids(before) == _ids(_expected(local, PROMPTS, greedy))
