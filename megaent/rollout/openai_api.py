@@ -23,6 +23,7 @@ from aiohttp import web
 from megaent.rollout.generation import Result, run_generate, stream_texts, text_of
 from megaent.rollout.protocol import (INT64, MAX_ROWS, BadRequest, GenerateRequest, Job, check_context, get_bool,
                                       get_int, openai_error_body, parse_sampling_params)
+from megaent.rollout.serve_context import ServeContext, read_json, send_sse
 
 # OpenAI / SGLang request key -> SGLang sampling_params key
 _SAMPLING_ALIASES = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
@@ -77,7 +78,7 @@ def _usage(results: list[Result], n: int) -> dict:
             "prompt_tokens_details": None, "reasoning_tokens": 0}
 
 
-def add_openai_routes(app: web.Application, ctx: Any) -> None:
+def add_openai_routes(app: web.Application, ctx: ServeContext) -> None:
     tok = ctx.tokenizer
 
     def model_card() -> dict:
@@ -88,8 +89,6 @@ def add_openai_routes(app: web.Application, ctx: Any) -> None:
         return web.json_response({"object": "list", "data": [model_card()]})
 
     async def parse(request: web.Request) -> dict:
-        from megaent.rollout.server import read_json
-
         body = await read_json(request)
         if not isinstance(body, dict):
             raise BadRequest(f"request body: expected a JSON object, got {type(body).__name__}")
@@ -175,8 +174,6 @@ def add_openai_routes(app: web.Application, ctx: Any) -> None:
             if stream_options(body):
                 yield {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [],
                        "usage": _usage(results, n)}
-        from megaent.rollout.server import send_sse
-
         return await send_sse(request, events())
 
     # ---------------------------------------------------------------- /v1/chat/completions
@@ -255,8 +252,6 @@ def add_openai_routes(app: web.Application, ctx: Any) -> None:
             if stream_options(body):
                 yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                        "choices": [], "usage": _usage(results, n)}
-        from megaent.rollout.server import send_sse
-
         return await send_sse(request, events())
 
     app.router.add_get("/v1/models", models)

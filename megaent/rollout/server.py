@@ -10,7 +10,8 @@ POST|PUT /generate (native API, SSE with `stream`), GET /health,
 /update_weight_version, /pause_generation, /continue_generation,
 /abort_request, and the OpenAI surface (megaent.rollout.openai_api): GET
 /v1/models, POST /v1/completions, /v1/chat/completions. Request parsing and
-bounds: megaent.rollout.protocol; engine calls: megaent.rollout.generation.
+bounds: megaent.rollout.protocol; engine calls: megaent.rollout.generation; native
+routes: megaent.rollout.native_api.
 
 Behind them sits an `EmbeddedEngine` fed by a `DynamicBatcher`. With TP > 1
 (torchrun, one process per TP rank) rank 0 serves HTTP and, before each
@@ -29,16 +30,13 @@ cumulative text), not token by token while decoding.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import ipaddress
 import json
 import logging
 import os
 import secrets
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -46,14 +44,14 @@ from aiohttp import web
 
 from megaent.rollout.batcher import DecodeStopped, DynamicBatcher
 from megaent.rollout.embedded import EmbeddedEngine
-from megaent.rollout.generation import format_result, run_generate, stream_texts
-from megaent.rollout.protocol import MAX_BODY_BYTES, BadRequest, error_body, get_bool, loads_body, parse_generate
+from megaent.rollout.native_api import add_native_routes
+from megaent.rollout.openai_api import add_openai_routes
+from megaent.rollout.protocol import MAX_BODY_BYTES
 from megaent.rollout.scoring import score_tokens
-from megaent.rollout.types import SamplingParams
-from megaent.rollout.weight_update import WeightMismatch, check_compatible, load_checked
+from megaent.rollout.serve_context import ServeContext
+from megaent.rollout.weight_update import load_checked
 
 log = logging.getLogger(__name__)
-HEALTH_TIMEOUT_S = 20.0
 API_KEY_ENV = "MEGAENT_API_KEY"
 # Engine-side operations besides EmbeddedEngine's own methods; the TP bus runs them on every rank.
 OPS: dict[str, Callable[..., Any]] = {"score_tokens": score_tokens, "load_checked": load_checked}
@@ -136,46 +134,6 @@ def auth_middleware(api_key: str) -> Callable:
     return check
 
 
-@dataclass
-class ServeContext:
-    """What the route handlers share."""
-
-    engine: EmbeddedEngine
-    tokenizer: Any
-    batcher: DynamicBatcher
-    call: Callable[..., Any]
-    model_path: str
-    served_model_name: str
-    context_len: int
-    tp: int = 1
-    info: dict = field(default_factory=lambda: {"weight_version": "default"})
-    started: float = field(default_factory=time.time)
-
-    async def score(self, ids: list[int], temperature: float, start: int, top_n: int) -> Any:
-        return await self.batcher.run_exclusive(self.call, "score_tokens", ids, temperature, start, top_n)
-
-
-async def read_json(request: web.Request) -> Any:
-    """The body as JSON (bounded by client_max_size and protocol.check_json); {} when empty."""
-    raw = await request.read()
-    return loads_body(raw) if raw.strip() else {}
-
-
-def bad_request(message: str, status: int = 400) -> web.Response:
-    return web.json_response(error_body(message, status), status=status)
-
-
-async def send_sse(request: web.Request, events: AsyncIterator[dict]) -> web.StreamResponse:
-    """`data: {json}\\n\\n` per event, then `data: [DONE]\\n\\n` (SGLang's and OpenAI's framing)."""
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await resp.prepare(request)
-    async for ev in events:
-        await resp.write(b"data: " + json.dumps(ev, ensure_ascii=False).encode() + b"\n\n")
-    await resp.write(b"data: [DONE]\n\n")
-    await resp.write_eof()
-    return resp
-
-
 def _context_len(model: str) -> int:
     cfg = json.loads((Path(model) / "config.json").read_text())
     return int(cfg.get("max_position_embeddings") or 2048)
@@ -185,8 +143,6 @@ def build_app(engine: EmbeddedEngine, *, tokenizer: Any, model_path: str, call: 
               window_s: float = 0.005, max_rows: int = 256, api_key: Optional[str] = None,
               served_model_name: Optional[str] = None, context_len: Optional[int] = None) -> web.Application:
     """The aiohttp application around `engine`; `call(name, *args)` runs an engine op (TP bus or direct)."""
-    from megaent.rollout.openai_api import add_openai_routes
-
     if call is None:
         call = TPCommandBus(engine).call
     batcher = DynamicBatcher(lambda jobs: call("generate_many", jobs), window_s=window_s, max_rows=max_rows)
@@ -208,169 +164,6 @@ def build_app(engine: EmbeddedEngine, *, tokenizer: Any, model_path: str, call: 
     add_native_routes(app, ctx)
     add_openai_routes(app, ctx)
     return app
-
-
-def add_native_routes(app: web.Application, ctx: ServeContext) -> None:
-    batcher, tok = ctx.batcher, ctx.tokenizer
-
-    async def generate(request: web.Request) -> web.StreamResponse:
-        started = time.monotonic()
-        try:
-            req = parse_generate(await read_json(request), tokenizer=tok, vocab_size=ctx.engine.vocab_size,
-                                 context_len=ctx.context_len)
-        except BadRequest as e:
-            return bad_request(str(e))
-        try:
-            results = await run_generate(req, batcher=batcher, tokenizer=tok, eos_ids=ctx.engine.eos_token_ids,
-                                         score=ctx.score)
-        except Exception as e:  # an engine failure of this request alone (see batcher): 500, clients retry
-            log.exception("generate failed")
-            return bad_request(f"generation failed: {e}", 500)
-        wv = ctx.info["weight_version"]
-        if not req.stream:
-            objs = [format_result(r, req, rid, tokenizer=tok, weight_version=wv, started=started)
-                    for r, rid in zip(results, req.rids)]
-            return web.json_response(objs[0] if req.single else objs)
-
-        async def events() -> AsyncIterator[dict]:
-            for k, (r, rid) in enumerate(zip(results, req.rids)):
-                texts = stream_texts(r, tok) or [""]
-                for upto, text in enumerate(texts, start=1):
-                    ev = format_result(r, req, rid, tokenizer=tok, weight_version=wv, started=started, upto=upto,
-                                       text=text)
-                    if not req.single:
-                        ev["index"] = k
-                    yield ev
-        return await send_sse(request, events())
-
-    async def health(_: web.Request) -> web.Response:
-        return web.Response(status=200)
-
-    async def health_generate(_: web.Request) -> web.Response:
-        if batcher.paused or batcher.in_flight:  # busy or paused for a weight sync: alive, do not queue behind
-            return web.Response(status=200)
-        try:
-            await asyncio.wait_for(batcher.submit([[0]], SamplingParams(max_new_tokens=1, temperature=0.0)),
-                                   HEALTH_TIMEOUT_S)
-        except Exception as e:
-            log.error("health_generate failed: %s", e)
-            return web.Response(status=503)
-        return web.Response(status=200)
-
-    async def model_info(_: web.Request) -> web.Response:
-        arch = json.loads((Path(ctx.model_path) / "config.json").read_text())
-        return web.json_response({
-            "model_path": ctx.model_path, "served_model_name": ctx.served_model_name,
-            "tokenizer_path": ctx.model_path, "is_generation": True, "preferred_sampling_params": None,
-            "weight_version": ctx.info["weight_version"], "load_format": "auto", "reasoning_parser": None,
-            "tool_call_parser": None, "disaggregation_mode": "null", "has_image_understanding": False,
-            "has_audio_understanding": False, "model_type": arch.get("model_type"),
-            "architectures": arch.get("architectures")})
-
-    async def server_info(_: web.Request) -> web.Response:
-        from megaent import __version__
-
-        return web.json_response({
-            "model_path": ctx.model_path, "tokenizer_path": ctx.model_path,
-            "served_model_name": ctx.served_model_name, "tp_size": ctx.tp, "dp_size": 1, "pp_size": 1,
-            "context_length": ctx.context_len, "max_running_requests": batcher.max_rows,
-            "batch_window_s": batcher.window_s, "startup_time": ctx.started, "version": __version__,
-            "frontend": "megaent", "weight_version": ctx.info["weight_version"],
-            "internal_states": [{"batches_run": batcher.batches_run, "batches_stopped": batcher.batches_stopped,
-                                 "in_flight": batcher.in_flight, "paused": batcher.paused}],
-            "in_flight": batcher.in_flight, "batches_run": batcher.batches_run})
-
-    async def update_weights(request: web.Request) -> web.Response:
-        try:
-            body = await read_json(request)
-            path = body.get("model_path") if isinstance(body, dict) else None
-            if not isinstance(path, str) or not path:
-                raise BadRequest("model_path: required, the HF directory holding the new weights")
-            abort_all = get_bool(body, "abort_all_requests", False, where="")
-        except BadRequest as e:
-            return web.json_response({"success": False, "message": str(e), "num_paused_requests": 0}, status=400)
-        try:
-            check_compatible(ctx.model_path, path)
-            if abort_all:
-                batcher.abort(abort_all=True)
-            await batcher.run_exclusive(ctx.call, "load_checked", path)
-        except Exception as e:  # WeightMismatch, or a load error; the served weights are unchanged
-            if not isinstance(e, WeightMismatch):
-                log.exception("weight update from %s failed; kept the served weights", path)
-            return web.json_response({"success": False, "message": f"Failed to update weights: {e}. Rolled back "
-                                      "to the served weights.", "num_paused_requests": 0}, status=400)
-        ctx.model_path = path
-        if body.get("weight_version") is not None:
-            ctx.info["weight_version"] = str(body["weight_version"])
-        return web.json_response({"success": True, "message": "Succeeded to update model weights.",
-                                  "num_paused_requests": 0})
-
-    async def update_weight_version(request: web.Request) -> web.Response:
-        try:
-            body = await read_json(request)
-            version = body.get("new_version") if isinstance(body, dict) else None
-            if not isinstance(version, str) or not version:
-                raise BadRequest("new_version: required, a string")
-            abort_all = get_bool(body, "abort_all_requests", True, where="")
-        except BadRequest as e:
-            return web.json_response({"success": False, "message": str(e)}, status=400)
-        if abort_all:
-            batcher.abort(abort_all=True)
-        ctx.info["weight_version"] = version
-        return web.json_response({"success": True, "message": f"Weight version updated to {version}",
-                                  "new_version": version})
-
-    async def pause_generation(request: web.Request) -> web.Response:
-        try:
-            body = await read_json(request)
-            mode = (body or {}).get("mode", "abort") if isinstance(body, dict) else None
-            if mode not in ("abort", "retract", "in_place"):
-                raise BadRequest(f"mode={mode!r}: must be 'abort', 'retract' or 'in_place'")
-        except BadRequest as e:
-            return bad_request(str(e))
-        batcher.pause()
-        if mode == "abort":
-            batcher.abort(abort_all=True)
-        await batcher.idle()  # retract / in_place: the running batch finishes, queued requests wait
-        return web.json_response({"message": "Generation paused successfully.", "status": "ok"})
-
-    async def continue_generation(request: web.Request) -> web.Response:
-        batcher.resume()
-        return web.json_response({"message": "Generation continued successfully.", "status": "ok"})
-
-    async def abort_request(request: web.Request) -> web.Response:
-        try:
-            body = await read_json(request)
-            if not isinstance(body, dict):
-                raise BadRequest("request body: expected a JSON object with rid or abort_all")
-            rid = body.get("rid")
-            if rid is not None and not isinstance(rid, str):
-                raise BadRequest(f"rid={rid!r:.80}: must be a string")
-            abort_all = get_bool(body, "abort_all", False, where="")
-        except BadRequest as e:
-            return bad_request(str(e))
-        batcher.abort(rid=rid or None, abort_all=abort_all)
-        return web.Response(status=200)
-
-    async def flush_cache(_: web.Request) -> web.Response:
-        # No prefix cache to flush: every batch allocates its own KV cache.
-        return web.Response(text="Cache flushed.\n", status=200)
-
-    r = app.router
-    r.add_post("/generate", generate)
-    r.add_put("/generate", generate)
-    r.add_get("/health", health)
-    r.add_get("/health_generate", health_generate)
-    for name, fn in (("model_info", model_info), ("server_info", server_info)):
-        r.add_get(f"/{name}", fn)
-        r.add_get(f"/get_{name}", fn)  # SGLang's deprecated aliases
-    r.add_post("/update_weights_from_disk", update_weights)
-    r.add_post("/update_weight_version", update_weight_version)
-    r.add_post("/pause_generation", pause_generation)
-    r.add_post("/continue_generation", continue_generation)
-    r.add_post("/abort_request", abort_request)
-    r.add_get("/flush_cache", flush_cache)
-    r.add_post("/flush_cache", flush_cache)
 
 
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 30000, tp: int = 1, dtype: str = "float32",
