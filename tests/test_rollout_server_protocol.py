@@ -193,3 +193,48 @@ def test_pause_continue_abort_and_weight_version(url, http):
     assert info == http.get(url + "/get_server_info").json()  # the deprecated alias
     assert isinstance(info["internal_states"], list) and info["tp_size"] == 1
     assert http.post(url + "/pause_generation", json={"mode": "later"}).status_code == 400
+
+
+def test_weight_sync_runs_sglangs_pause_flush_update_continue_sequence(tmp_path):
+    """SGLangClient.sync_weights_from_disk against a recording stand-in server: the order SGLang expects, the
+    Bearer key on every call, and /continue_generation even when the update fails."""
+    import http.server
+
+    from megaent.rollout.client import SGLangClient
+    from megaent.rollout.types import RolloutError
+
+    calls: list = []
+    fail = {"update": False}
+
+    class Rec(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            calls.append((self.path, json.loads(body) if body else None, self.headers.get("Authorization")))
+            bad = self.path == "/update_weights_from_disk" and fail["update"]
+            out = {"success": not bad, "message": "x", "num_paused_requests": 0, "status": "ok"}
+            self.send_response(400 if bad else 200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(json.dumps(out).encode())
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Rec)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        client = SGLangClient([f"http://127.0.0.1:{srv.server_address[1]}"], api_key="k")
+        client.sync_weights_from_disk(str(tmp_path), weight_version="v2")
+        assert [c[0] for c in calls] == ["/pause_generation", "/flush_cache", "/update_weights_from_disk",
+                                         "/continue_generation"]
+        assert calls[0][1] == {"mode": "retract"} and calls[2][1] == {"model_path": str(tmp_path),
+                                                                      "weight_version": "v2"}
+        assert {c[2] for c in calls} == {"Bearer k"}
+        calls.clear()
+        fail["update"] = True
+        with pytest.raises(RolloutError, match="update_weights_from_disk"):
+            client.sync_weights_from_disk(str(tmp_path))
+        assert calls[-1][0] == "/continue_generation"
+    finally:
+        srv.shutdown()
+        srv.server_close()
