@@ -231,6 +231,9 @@ def test_weight_sync_runs_sglangs_pause_flush_update_continue_sequence(tmp_path)
                                                                       "weight_version": "v2"}
         assert {c[2] for c in calls} == {"Bearer k"}
         calls.clear()
+        client.update_weights_from_disk(str(tmp_path))  # what the trainer's rollout phase calls
+        assert [c[0] for c in calls][1:3] == ["/flush_cache", "/update_weights_from_disk"]
+        calls.clear()
         fail["update"] = True
         with pytest.raises(RolloutError, match="update_weights_from_disk"):
             client.sync_weights_from_disk(str(tmp_path))

@@ -83,8 +83,14 @@ class SGLangClient:
             return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(ids))))
 
     # ------------------------------------------------------------ server control
-    def update_weights_from_disk(self, path: str, *, weight_version: Optional[str] = None) -> list[dict]:
-        """POST /update_weights_from_disk on every server; raises RolloutError unless all succeed."""
+    def update_weights_from_disk(self, path: str, *, weight_version: Optional[str] = None,
+                                 handshake: bool = True) -> list[dict]:
+        """Reload every server from `path`; raises RolloutError unless all succeed.
+
+        handshake=True (what the trainer uses): SGLang's pause / flush / update / continue sequence
+        (`sync_weights_from_disk`); False: the bare POST /update_weights_from_disk."""
+        if handshake:
+            return self.sync_weights_from_disk(path, weight_version=weight_version)
         body: dict[str, Any] = {"model_path": str(path)}
         if weight_version is not None:
             body["weight_version"] = weight_version
@@ -105,7 +111,7 @@ class SGLangClient:
         self.pause_generation("retract")
         try:
             self.flush_cache()
-            return self.update_weights_from_disk(path, weight_version=weight_version)
+            return self.update_weights_from_disk(path, weight_version=weight_version, handshake=False)
         finally:
             self.continue_generation()
 
