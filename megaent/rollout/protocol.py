@@ -17,7 +17,8 @@ token stops only): stop strings, stop regexes and `min_new_tokens` are applied
 to the finished decode by `megaent.rollout.generation` (same results as SGLang
 for stop strings; `min_new_tokens` cannot forbid an early EOS, it only refuses
 to stop on it); penalties, `min_p`, a non-empty `logit_bias` and grammars
-(regex / json_schema / ebnf) are a 400 naming the field. Unknown top-level and
+(regex / json_schema / ebnf) are a 400 naming the field; `ignore_eos` ignores EOS only
+(SGLang's also ignores `stop_token_ids`; megaent's trainer relies on stop ids with ignore_eos). Unknown top-level and
 sampling keys are ignored (logged at debug), as SGLang ignores fields it does
 not use; values of known fields are checked and a bad one is a 400 naming it.
 
