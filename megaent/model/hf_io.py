@@ -22,7 +22,7 @@ import os
 import shutil
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -60,12 +60,23 @@ def _weight_map(hf_dir: Path) -> dict[str, str]:
 
 def load_hf(hf_dir: str | Path, state: ParallelState, dtype: torch.dtype = torch.float32, *,
             pipeline_layers: Optional[list[int]] = None, vocab_multiple: int = 1,
-            activation_checkpointing: bool = False) -> Policy:
-    """Build this rank's `Policy` stage/shard from a HF checkpoint directory, reading only local slices."""
+            activation_checkpointing: bool = False, engine: str = "own", **gpt_options: Any) -> Any:
+    """Build this rank's policy stage/shard from a HF checkpoint directory, reading only local slices.
+
+    engine: "own" (megaent's decoder, `Policy`) or "mcore" (megatron-core GPTModel, `GPTPolicy`; `gpt_options`
+    go to it: backend, sequence_parallel, recompute)."""
     hf_dir = Path(hf_dir)
     arch = ModelArch.from_hf_dir(hf_dir)
-    policy = Policy(arch, state, dtype=dtype, pipeline_layers=pipeline_layers, vocab_multiple=vocab_multiple,
-                    activation_checkpointing=activation_checkpointing)
+    if engine == "mcore":
+        from megaent.model.gpt_policy import GPTPolicy
+
+        policy = GPTPolicy(arch, state, dtype=dtype, pipeline_layers=pipeline_layers, vocab_multiple=vocab_multiple,
+                           recompute="full" if activation_checkpointing else "none", **gpt_options)
+    elif engine == "own":
+        policy = Policy(arch, state, dtype=dtype, pipeline_layers=pipeline_layers, vocab_multiple=vocab_multiple,
+                        activation_checkpointing=activation_checkpointing)
+    else:
+        raise ValueError(f"engine={engine!r}: choose 'own' or 'mcore'")
     policy.source_dir = str(hf_dir)
     wmap = _weight_map(hf_dir)
     with ExitStack() as stack:
@@ -155,7 +166,7 @@ def save_hf(policy: Policy, state: ParallelState, out_dir: str | Path, *, dtype:
         tmp.mkdir(parents=True)
         writer = _ShardWriter(tmp, max_shard_bytes)
     if state.dp_rank == 0:
-        params = dict(policy.named_parameters())
+        params = policy.megaent_params() if hasattr(policy, "megaent_params") else dict(policy.named_parameters())
         for stage, specs in enumerate(plan):
             for spec in specs:
                 full = _gather_param(policy, state, spec, params, stage)

@@ -78,11 +78,15 @@ def _pick_backend(backend: str) -> str:
     return backend
 
 
-def init_parallel(tp: int = 1, pp: int = 1, *, backend: str = "auto", timeout_s: int = 1800) -> ParallelState:
+def init_parallel(tp: int = 1, pp: int = 1, *, backend: str = "auto", timeout_s: int = 1800,
+                  seed: int = 0) -> ParallelState:
     """Initialise torch.distributed and the TP/PP/DP groups; DP = world / (TP * PP).
 
     Reads torchrun or Slurm variables (see `megaent.parallel.launch`); a bare
     process becomes a world of one. Safe to call when the default group exists.
+    On CPU it turns on megaent's CPU backend for megatron-core (`megaent.parallel.cpu_backend`).
+    Seeds megatron-core's RNG tracker from `seed` (per TP rank, as Megatron does) without moving
+    the caller's CPU RNG stream.
     """
     from megatron.core import parallel_state as mps
 
@@ -102,6 +106,11 @@ def init_parallel(tp: int = 1, pp: int = 1, *, backend: str = "auto", timeout_s:
         mps.destroy_model_parallel()
     mps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                   distributed_timeout_minutes=max(1, timeout_s // 60))
+    if device.type == "cpu":
+        from megaent.parallel import cpu_backend
+
+        cpu_backend.enable()
+    _seed_rng_tracker(seed)
     rank, world = dist.get_rank(), dist.get_world_size()
     state = ParallelState(
         rank=rank, world_size=world, tp=tp, pp=pp, dp=world // (tp * pp),
@@ -117,6 +126,16 @@ def init_parallel(tp: int = 1, pp: int = 1, *, backend: str = "auto", timeout_s:
     log.debug("rank %d: tp %d/%d pp %d/%d dp %d/%d", rank, state.tp_rank, tp, state.pp_rank, pp, state.dp_rank,
               state.dp)
     return state
+
+
+def _seed_rng_tracker(seed: int) -> None:
+    """megatron-core's RNG tracker (dropout, init, sequence-parallel regions), seeded per TP rank. On CPU the
+    tracker's "CUDA" generator is the CPU one, so its seeding would move the CPU stream: restore it."""
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    cpu = torch.get_rng_state()
+    model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+    torch.set_rng_state(cpu)
 
 
 def destroy_parallel() -> None:

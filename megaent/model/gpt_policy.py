@@ -1,0 +1,185 @@
+"""`GPTPolicy`: this rank's stage of the policy as megatron-core's `GPTModel`, with megaent's HF view.
+
+The module is megatron-core's own (`megaent.model.gpt`); this wrapper adds what RL needs on top:
+- masked padded vocabulary: logits of padding rows are `finfo(dtype).min`, so they never change a
+  probability (megatron-core leaves them at 0);
+- `final_hidden`: the last stage's final-normed hidden states without the LM head, for the
+  vocab-chunked fused head (`megaent.ops.fused_head_logprobs_entropy`);
+- the HF view of the parameters: `param_specs()` names each parameter by megaent's HF table
+  (`megaent.model.hf_names`), `fill_` loads it and `megaent_params()` reads it back in that
+  table's local layout, so `load_hf` / `save_hf` and checkpoints serve both engines.
+
+Parameter layouts (megatron-core's, which the embedded rollout engine reads as well):
+- `linear_qkv` rows per query group: [q heads of the group (N/KV * D) | k (D) | v (D)], groups in
+  order, TP = contiguous chunks of groups; megaent's table holds [q | k | v] of the rank's heads,
+  `qkv_to_mcore` / `qkv_from_mcore` convert.
+- `linear_fc1` = [gate shard; up shard], the same as megaent's `gate_up`.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Optional
+
+import torch
+
+from megaent.model.arch import ModelArch, stage_layer_ranges
+from megaent.model.gpt import build_gpt, gpt_config
+from megaent.model.hf_names import ParamSpec, Part, build_local, padded_vocab_size, stage_param_specs
+from megaent.parallel import ParallelState
+
+_LAYER_NAMES = {  # megaent table name (after "layers.{i}.") -> GPTModel name (after "decoder.layers.{l}.")
+    "input_norm.weight": "input_layernorm.weight",
+    "attn.qkv.weight": "self_attention.linear_qkv.weight",
+    "attn.qkv.bias": "self_attention.linear_qkv.bias",
+    "attn.proj.weight": "self_attention.linear_proj.weight",
+    "post_norm.weight": "pre_mlp_layernorm.weight",
+    "mlp.gate_up.weight": "mlp.linear_fc1.weight",
+    "mlp.down.weight": "mlp.linear_fc2.weight",
+}
+_TE_NORMS = {"input_norm.weight": "self_attention.linear_qkv.layer_norm_weight",
+             "post_norm.weight": "mlp.linear_fc1.layer_norm_weight"}
+_TOP_NAMES = {"embed.weight": "embedding.word_embeddings.weight", "final_norm.weight": "decoder.final_layernorm.weight",
+              "head.weight": "output_layer.weight"}
+
+
+def qkv_to_mcore(t: torch.Tensor, *, groups: int, q_per_group: int, head_dim: int) -> torch.Tensor:
+    """[q (G*R*D) | k (G*D) | v (G*D)] rows -> per group [q_g (R*D) | k_g (D) | v_g (D)]; weight or bias."""
+    rest = t.shape[1:]
+    q, k, v = t.split([groups * q_per_group * head_dim, groups * head_dim, groups * head_dim])
+    q = q.reshape(groups, q_per_group * head_dim, *rest)
+    k, v = k.reshape(groups, head_dim, *rest), v.reshape(groups, head_dim, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
+
+
+def qkv_from_mcore(t: torch.Tensor, *, groups: int, q_per_group: int, head_dim: int) -> torch.Tensor:
+    """Inverse of `qkv_to_mcore`."""
+    rest = t.shape[1:]
+    q, k, v = t.reshape(groups, (q_per_group + 2) * head_dim, *rest).split(
+        [q_per_group * head_dim, head_dim, head_dim], dim=1)
+    return torch.cat([x.reshape(-1, *rest) for x in (q, k, v)])
+
+
+class GPTPolicy(torch.nn.Module):
+    """This rank's stage and TP shard of the policy on megatron-core `GPTModel`."""
+
+    def __init__(self, arch: ModelArch, state: ParallelState, *, dtype: torch.dtype = torch.float32,
+                 pipeline_layers: Optional[list[int]] = None, vocab_multiple: int = 1, backend: str = "local",
+                 sequence_parallel: Optional[bool] = None, recompute: str = "none") -> None:
+        super().__init__()
+        self.arch, self.state, self.dtype, self.backend = arch, state, dtype, backend
+        self.pipeline_layers = pipeline_layers
+        self.source_dir: Optional[str] = None
+        self.activation_checkpointing = recompute != "none"
+        sp = state.tp > 1 if sequence_parallel is None else sequence_parallel
+        self.config = gpt_config(arch, tp=state.tp, pp=state.pp, dtype=dtype, sequence_parallel=sp,
+                                 pipeline_layers=pipeline_layers, recompute=recompute)
+        self.vocab_size = arch.vocab_size
+        self.padded_vocab_size = padded_vocab_size(arch.vocab_size, state.tp, multiple=vocab_multiple)
+        vl = self.padded_vocab_size // state.tp
+        self.vocab_range = (state.tp_rank * vl, (state.tp_rank + 1) * vl)
+        self.local_vocab_valid = max(0, min(vl, arch.vocab_size - self.vocab_range[0]))
+        self.layer_ids = list(stage_layer_ranges(arch.num_hidden_layers, state.pp, pipeline_layers)[state.pp_rank])
+        self.head_reuses_embedding = arch.tie_word_embeddings and state.pp == 1
+        self.model = build_gpt(arch, self.config, padded_vocab=self.padded_vocab_size, pp_rank=state.pp_rank,
+                               pp=state.pp, backend=backend)
+        pad = torch.arange(vl) >= self.local_vocab_valid
+        self.register_buffer("_vocab_pad", pad if bool(pad.any()) else None, persistent=False)
+        self.to(state.device)
+        self._qkv = dict(groups=arch.num_key_value_heads // state.tp,
+                         q_per_group=arch.num_attention_heads // arch.num_key_value_heads, head_dim=arch.head_dim)
+
+    # ---- names ----------------------------------------------------------------------------------------------
+    def param_specs(self) -> list[ParamSpec]:
+        """HF names and TP kinds of this stage's parameters, by megaent's table (`megaent.model.hf_names`)."""
+        st = self.state
+        return stage_param_specs(self.arch, layers=self.layer_ids, first=st.is_first_stage, last=st.is_last_stage,
+                                 separate_head=not self.head_reuses_embedding)
+
+    def mcore_name(self, name: str) -> str:
+        """megaent table name -> this stage's GPTModel parameter name (local layer index)."""
+        if name in _TOP_NAMES:
+            return "model." + _TOP_NAMES[name]
+        m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+        if m is None or int(m.group(1)) not in self.layer_ids:
+            raise KeyError(f"{name!r} is not a parameter of pipeline stage {self.state.pp_rank}")
+        rest = m.group(2)
+        tail = (_TE_NORMS.get(rest) if self.backend == "te" else None) or _LAYER_NAMES[rest]
+        return f"model.decoder.layers.{self.layer_ids.index(int(m.group(1)))}.{tail}"
+
+    def _to_mcore(self, name: str, local: torch.Tensor) -> torch.Tensor:
+        return qkv_to_mcore(local, **self._qkv) if ".attn.qkv." in name else local
+
+    def _from_mcore(self, name: str, param: torch.Tensor) -> torch.Tensor:
+        return qkv_from_mcore(param, **self._qkv) if ".attn.qkv." in name else param
+
+    @torch.no_grad()
+    def fill_(self, read: Callable[[Part], torch.Tensor]) -> None:
+        """Copy every local parameter from `read(part)` (the part's local TP shard, see hf_names.tp_slice)."""
+        params = dict(self.named_parameters())
+        specs = self.param_specs()
+        names = {self.mcore_name(s.name) for s in specs}
+        missing = sorted(set(params) - names)
+        assert not missing, f"GPTModel parameters without an HF name: {missing}"
+        for spec in specs:
+            param = params[self.mcore_name(spec.name)]
+            local = self._to_mcore(spec.name, build_local(spec, read))
+            if tuple(local.shape) != tuple(param.shape):
+                raise ValueError(f"{spec.name}: checkpoint shard has shape {tuple(local.shape)}, the model expects "
+                                 f"{tuple(param.shape)}; does config.json match the weights?")
+            param.copy_(local)
+
+    def megaent_params(self) -> dict[str, torch.Tensor]:
+        """{megaent table name: this rank's shard in the table's local layout} (views where the layouts agree)."""
+        params = dict(self.named_parameters())
+        return {s.name: self._from_mcore(s.name, params[self.mcore_name(s.name)]) for s in self.param_specs()}
+
+    # ---- forward --------------------------------------------------------------------------------------------
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """Last stage: LM head shard [Vl, H]; rows >= `local_vocab_valid` are zero padding (mask their logits)."""
+        if not self.state.is_last_stage:
+            raise RuntimeError(f"head_weight lives on the last pipeline stage; this is stage {self.state.pp_rank}")
+        return self.model.shared_embedding_or_output_weight() if self.arch.tie_word_embeddings else \
+            self.model.output_layer.weight
+
+    def mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Vocab-sharded logits [..., Vl] with this shard's padding entries set to finfo(dtype).min."""
+        if self._vocab_pad is not None:
+            logits = logits.masked_fill(self._vocab_pad, torch.finfo(logits.dtype).min)
+        return logits
+
+    def forward(self, input_ids: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None, *,
+                hidden_states: Optional[torch.Tensor] = None, packed_seq_params: Any = None,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """input_ids [B, S] long (first stage) -> vocab-sharded logits [B, S, Vl] (padding masked) on the last
+        stage, hidden states [S(/TP with sequence parallel), B, H] elsewhere. A later stage takes the previous
+        stage's output as `hidden_states` (or from the schedule's `set_input_tensor`). position_ids are not
+        needed: RoPE follows the sequence, or each packed segment (THD `packed_seq_params`).
+        Collectives: megatron-core's (2 all-reduces or SP all-gather/reduce-scatter pairs per layer on TP)."""
+        del position_ids
+        if hidden_states is not None:
+            self.model.set_input_tensor(hidden_states)
+        out = self.model(input_ids, None, attention_mask, packed_seq_params=packed_seq_params)
+        return self.mask_padded_vocab(out) if self.state.is_last_stage else out
+
+    def final_hidden(self, input_ids: Optional[torch.Tensor] = None, *, hidden_states: Optional[torch.Tensor] = None,
+                     packed_seq_params: Any = None, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Last stage: final-normed hidden states [B, S, H] (all TP ranks, sequence gathered), no LM head.
+        Other stages: what `forward` returns (their output hidden states [S(/TP), B, H])."""
+        from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+        if not self.state.is_last_stage:
+            return self(input_ids, hidden_states=hidden_states, packed_seq_params=packed_seq_params,
+                        attention_mask=attention_mask)
+        if hidden_states is not None:
+            self.model.set_input_tensor(hidden_states)
+        self.model.post_process = False  # GPTModel returns the decoder's (final-normed) output before the head
+        try:
+            h = self.model(input_ids, None, attention_mask, packed_seq_params=packed_seq_params)  # [S(/TP), B, H]
+        finally:
+            self.model.post_process = True
+        if self.config.sequence_parallel:
+            # backward = split only: the fused head already sums grad_hidden over TP (it all-reduces)
+            h = gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=False,
+                                                     group=self.state.tp_group)
+        return h.transpose(0, 1)
