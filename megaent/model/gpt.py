@@ -179,13 +179,33 @@ def build_gpt(arch: ModelArch, config: Any, *, padded_vocab: int, pp_rank: int, 
     elif arch.rope_type == "llama3":
         _check_llama3_rope(arch)
         rope.update(rope_scaling=True, rope_scaling_factor=float(arch.rope_scaling["factor"]))
-    return GPTModel(
+    model = GPTModel(
         config=config, transformer_layer_spec=layer_spec(arch, config, backend=backend, pp_rank=pp_rank),
         vocab_size=padded_vocab, max_sequence_length=arch.max_position_embeddings,
         pre_process=pp_rank == 0, post_process=pp_rank == pp - 1, parallel_output=True,
         share_embeddings_and_output_weights=arch.tie_word_embeddings, position_embedding_type="rope",
         rotary_percent=1.0, rotary_base=int(arch.rope_theta), **rope,
     )
+    mark_tensor_parallel(model)
+    return model
+
+
+def mark_tensor_parallel(model: torch.nn.Module) -> None:
+    """Give TP-sharded weights megatron-core's `tensor_model_parallel` attributes.
+
+    megatron-core sets them only while initialising weights (`perform_initialization=True`); megaent fills
+    weights from checkpoints instead, and without the marks the grad-norm (clipping), the distributed optimizer
+    and checkpoint code take rank 1's shards for TP duplicates (measured: grad norm 1.80 vs 2.46 at TP=2).
+    """
+    from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                               set_tensor_model_parallel_attributes)
+
+    for mod in model.modules():
+        dim = 1 if isinstance(mod, RowParallelLinear) else 0
+        if isinstance(mod, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
+            w = getattr(mod, "weight", None)
+            if w is not None and not getattr(w, "tensor_model_parallel", False):
+                set_tensor_model_parallel_attributes(w, is_parallel=True, dim=dim, stride=1)
 
 
 _MCORE_LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}

@@ -37,6 +37,7 @@ import importlib
 import importlib.util
 import inspect
 import logging
+import sys
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,7 +187,8 @@ class _CudaTensorMethodsOnCpu(TorchFunctionMode):
     def __torch_function__(self, func, types_, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.Tensor.type and len(args) == 1 and not kwargs and args[0].device.type == "cpu":
-            return "torch.cuda." + func(args[0]).split(".", 1)[1]
+            name = func(args[0])  # an enclosing scope's mode may already have spelled it
+            return name if name.startswith("torch.cuda.") else "torch.cuda." + name.split(".", 1)[1]
         if func is torch.Tensor.cuda and args[0].device.type == "cpu":
             return args[0]
         return func(*args, **kwargs)
@@ -353,7 +355,13 @@ def enable() -> None:
         elif isinstance(raw, staticmethod):
             _patch(owner, name, staticmethod(_scoped(raw.__func__)))
         else:
-            _patch(owner, name, _scoped(raw))
+            wrapped = _scoped(raw)
+            _patch(owner, name, wrapped)
+            if "." not in qualname:  # module functions: also the `from ... import f` copies in megatron-core
+                for alias_mod in [m for n, m in list(sys.modules.items()) if n.startswith("megatron.core")]:
+                    for attr, val in list(vars(alias_mod).items()):
+                        if val is raw:
+                            _patch(alias_mod, attr, wrapped)
     log.debug("megatron-core CPU backend on: %d modules, %d functions", len(MODULES), len(FUNCTIONS))
 
 
