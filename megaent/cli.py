@@ -267,6 +267,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse(parser, sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # megatron-core logs its import-time probes at INFO; a usage error stays one line
+        logging.getLogger("megatron").setLevel(logging.WARNING)
     fn: Optional[Callable[[argparse.Namespace], int]] = getattr(args, "fn", None)
     if fn is None:
         parser.print_help()

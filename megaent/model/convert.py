@@ -53,19 +53,18 @@ def _load(src: Path, kind: str, state):  # -> Policy
 
     if kind == "hf":
         return load_hf(str(src), state)
-    from megaent.trainer.checkpoint import read_meta
+    from megaent.trainer.checkpoint import load_checkpoint, read_meta
 
     base = Path(read_meta(src)["hf_dir"])
     if not (base / "config.json").is_file():
         raise FileNotFoundError(f"convert: checkpoint {src} was trained from {base}, which is gone; its "
                                 "config.json and tokenizer are needed to rebuild the model")
-    import torch.distributed.checkpoint as dcp
 
     from megaent.trainer.state_dict import canonical_state
 
     policy = load_hf(str(base), state)  # architecture + tokenizer source; weights are replaced below
     tensors = canonical_state(policy, None, state, loading=True)
-    dcp.load(tensors, checkpoint_id=str(src))
+    load_checkpoint(src, tensors, rank=state.rank, restore_rng=False)  # digests checked, no unpickling
     return policy
 
 

@@ -141,9 +141,10 @@ class Scorer:
     def __init__(self, cfg: RewardConfig) -> None:
         from megaent.rewards.pool import RewardPool
 
-        # Exact-match synthetic rewards are microseconds: score in-process, no worker processes.
+        # Exact-match synthetic rewards are microseconds and cannot hang: score in-process, no worker processes.
         workers = 0 if cfg.kind == "synthetic" else cfg.workers
-        self.pool = RewardPool(cfg.kind, workers=workers, timeout_s=cfg.timeout_s, format_reward=cfg.format_reward)
+        self.pool = RewardPool(cfg.kind, workers=workers, timeout_s=cfg.timeout_s, format_reward=cfg.format_reward,
+                               memory_gib=cfg.worker_memory_gib)
 
     def score(self, texts: list[str], answers: list[str]) -> tuple[list[float], int]:
         res = self.pool.score(texts, answers)
