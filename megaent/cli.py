@@ -35,7 +35,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean "the user asked for something wrong". Read from the modules that were
     imported (a module that never ran cannot have raised), so this costs no import."""
     errs: list[type[BaseException]] = [UserError, FileNotFoundError, NotADirectoryError, PermissionError]
-    for module, name in (("megaent.config", "ConfigError"), ("megaent.config.load", "ConfigError"),
+    for module, name in (("megaent.config.errors", "ConfigError"), ("megaent.config", "ConfigError"),
                          ("megaent.model.backends", "BackendError"), ("megaent.slurm.render", "SubmitError"),
                          ("megaent.data", "DataError")):
         exc = getattr(sys.modules.get(module), name, None)

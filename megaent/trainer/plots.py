@@ -191,7 +191,7 @@ def build_figure(run_dirs: Sequence[str | Path]):
     ax.set_ylabel(REWARD)
     ax.set_xlim(left=-0.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="lower left")  # the points sit at the right, the ceiling stars at H = 0, top
     axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
     return fig
