@@ -157,6 +157,9 @@ class _Scorer:
     def score(self, texts, answers):
         return [float(sum(map(ord, t)) % 7) / 7.0 for t in texts], 0
 
+    def take_metrics(self):
+        return {}
+
     def close(self):
         pass
 

@@ -150,6 +150,10 @@ class Scorer:
         res = self.pool.score(texts, answers)
         return list(res.rewards), int(res.timeouts)
 
+    def take_metrics(self) -> dict[str, float]:
+        """Verifier timeouts, errors and crashes since the last call (the step's reward/verifier_* metrics)."""
+        return self.pool.take_metrics()
+
     def close(self) -> None:
         self.pool.close()
 

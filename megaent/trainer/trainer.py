@@ -123,7 +123,7 @@ class Trainer:
         metrics.update({"time/rollout_s": t_roll, "time/train_s": t_train, "time/step_s": step_s,
                         "tokens_per_s": tokens / max(step_s, 1e-9), "rollout/sync_shared": float(route == "shared")})
         if self.state.rank == 0:
-            metrics.update(self.scorer.pool.take_metrics())  # verifier timeouts, errors, crashes of this step
+            metrics.update(self.scorer.take_metrics())  # verifier timeouts, errors, crashes of this step
             self.sink.log_samples(step, texts)
         return metrics
 
