@@ -71,7 +71,8 @@ def load_hf(hf_dir: str | Path, state: ParallelState, dtype: torch.dtype = torch
         from megaent.model.gpt_policy import GPTPolicy
 
         policy = GPTPolicy(arch, state, dtype=dtype, pipeline_layers=pipeline_layers, vocab_multiple=vocab_multiple,
-                           recompute="full" if activation_checkpointing else "none", **gpt_options)
+                           recompute=gpt_options.pop("recompute", "full" if activation_checkpointing else "none"),
+                           **gpt_options)
     elif engine == "own":
         policy = Policy(arch, state, dtype=dtype, pipeline_layers=pipeline_layers, vocab_multiple=vocab_multiple,
                         activation_checkpointing=activation_checkpointing)
