@@ -64,7 +64,8 @@ class GPTPolicy(torch.nn.Module):
 
     def __init__(self, arch: ModelArch, state: ParallelState, *, dtype: torch.dtype = torch.float32,
                  pipeline_layers: Optional[list[int]] = None, vocab_multiple: int = 1, backend: str = "local",
-                 sequence_parallel: Optional[bool] = None, recompute: str = "none") -> None:
+                 sequence_parallel: Optional[bool] = None, recompute: str = "none", fp8: Optional[str] = None
+                 ) -> None:
         super().__init__()
         self.arch, self.state, self.dtype, self.backend = arch, state, dtype, backend
         self.pipeline_layers = pipeline_layers
@@ -72,7 +73,7 @@ class GPTPolicy(torch.nn.Module):
         self.activation_checkpointing = recompute != "none"
         sp = state.tp > 1 if sequence_parallel is None else sequence_parallel
         self.config = gpt_config(arch, tp=state.tp, pp=state.pp, dtype=dtype, sequence_parallel=sp,
-                                 pipeline_layers=pipeline_layers, recompute=recompute)
+                                 pipeline_layers=pipeline_layers, recompute=recompute, fp8=fp8)
         self.vocab_size = arch.vocab_size
         self.padded_vocab_size = padded_vocab_size(arch.vocab_size, state.tp, multiple=vocab_multiple)
         vl = self.padded_vocab_size // state.tp
