@@ -79,10 +79,78 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return train(cfg, config_path=config)
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from megaent.rollout.server import main as serve_main
+SERVE_API_KEY_ENV = "MEGAENT_API_KEY"
 
-    return serve_main(args.rest) or 0
+
+def is_loopback(host: str) -> bool:
+    """True for `localhost` and loopback addresses (127.0.0.0/8, ::1)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """`megaent serve`'s options, defined here (not in megaent.rollout.server, which imports torch) so that
+    `megaent serve --help` and its usage errors answer in well under a second."""
+    p.add_argument("--model", required=True, help="HF checkpoint directory (Qwen2 / Llama family) to serve")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="bind address (default 127.0.0.1, loopback only); any other address requires --api-key")
+    p.add_argument("--port", type=int, default=30000, help="TCP port (default 30000, SGLang's)")
+    p.add_argument("--api-key", default=None,
+                   help=f"require `Authorization: Bearer KEY` on every route but /health* (SGLang's --api-key); "
+                   f"default ${SERVE_API_KEY_ENV}, which keeps the key off the command line")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (launch this many ranks with torchrun)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random streams of requests without sampling_seed")
+    p.add_argument("--batch-window-ms", type=float, default=5.0,
+                   help="how long the batcher waits for more requests before a decode (default 5 ms)")
+    p.add_argument("--max-batch-rows", type=int, default=256,
+                   help="most sample rows (prompts x n) decoded together (default 256)")
+    p.add_argument("--served-model-name", default=None,
+                   help="model name in /v1/models and OpenAI answers (default: the --model path, as SGLang)")
+    p.add_argument("--context-length", type=int, default=None,
+                   help="prompt + max_new_tokens limit (default: max_position_embeddings of config.json)")
+    p.add_argument("--log-level", default="INFO", help="logging level: DEBUG shows ignored request fields")
+
+
+SERVE_DESCRIPTION = """\
+SGLang-compatible rollout server on the megaent policy: SGLang's native API (POST /generate,
+/update_weights_from_disk, /pause_generation, ...) and OpenAI's (/v1/completions, /v1/chat/completions,
+/v1/models). Binds loopback by default; another --host needs an API key.
+
+  megaent serve --model HF_DIR --port 30000
+  torchrun --nproc-per-node 2 -m megaent.rollout.server --model HF_DIR --tp 2"""
+
+
+def run_serve(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
+    """Check `megaent serve`'s arguments (usage errors through `p.error`, exit 2), then serve until stopped."""
+    if not Path(a.model).is_dir():
+        p.error(f"--model {a.model}: no such directory (give a HF checkpoint directory)")
+    api_key = a.api_key or os.environ.get(SERVE_API_KEY_ENV) or None
+    if not is_loopback(a.host) and not api_key:
+        p.error(f"--host {a.host}: a non-loopback address needs an API key; pass --api-key KEY or set "
+                f"${SERVE_API_KEY_ENV} (clients send `Authorization: Bearer KEY`), or bind 127.0.0.1")
+    if a.context_length is not None and a.context_length < 2:
+        p.error(f"--context-length {a.context_length}: must be >= 2")
+    level = "DEBUG" if getattr(a, "verbose", False) else a.log_level.upper()
+    if not isinstance(logging.getLevelName(level), int):
+        p.error(f"--log-level {a.log_level}: must be one of DEBUG, INFO, WARNING, ERROR")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    from megaent.rollout.server import serve
+
+    serve(a.model, host=a.host, port=a.port, tp=a.tp, dtype=a.dtype, seed=a.seed, window_ms=a.batch_window_ms,
+          max_rows=a.max_batch_rows, api_key=api_key, served_model_name=a.served_model_name,
+          context_length=a.context_length)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    return run_serve(args.parser, args)
 
 
 def _launched_world() -> int:
@@ -178,13 +246,10 @@ hf_final/ (a HuggingFace export). --resume continues at the step after its lates
     t.add_argument("--help-config", action="store_true", help="list every config key with default and meaning")
     t.set_defaults(fn=_cmd_train)
 
-    # Every serve argument, --help included, goes to megaent.rollout.server's own parser (it imports torch, so
-    # it is only built when serving): prefix_chars="+" makes "--model X" plain strings here, which
-    # argparse.REMAINDER could not take when they came first ("unrecognized arguments: --model").
-    s = sub.add_parser("serve", help="SGLang-compatible HTTP rollout server (megaent serve --help)", add_help=False,
-                       prefix_chars="+")
-    s.add_argument("rest", nargs="*")
-    s.set_defaults(fn=_cmd_serve)
+    s = sub.add_parser("serve", help="SGLang-compatible HTTP rollout server", description=SERVE_DESCRIPTION,
+                       formatter_class=raw)
+    add_serve_arguments(s)
+    s.set_defaults(fn=_cmd_serve, parser=s)
 
     c = sub.add_parser("convert", help="convert between HF and megaent checkpoints", formatter_class=raw,
                        description="""\

@@ -30,10 +30,8 @@ cumulative text), not token by token while decoding.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import logging
-import os
 import secrets
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -42,6 +40,7 @@ import torch
 import torch.distributed as dist
 from aiohttp import web
 
+from megaent.cli import SERVE_API_KEY_ENV as API_KEY_ENV, is_loopback  # noqa: F401 (re-exported)
 from megaent.rollout.batcher import DecodeStopped, DynamicBatcher
 from megaent.rollout.embedded import EmbeddedEngine
 from megaent.rollout.native_api import add_native_routes
@@ -52,7 +51,6 @@ from megaent.rollout.serve_context import ServeContext
 from megaent.rollout.weight_update import load_checked
 
 log = logging.getLogger(__name__)
-API_KEY_ENV = "MEGAENT_API_KEY"
 # Engine-side operations besides EmbeddedEngine's own methods; the TP bus runs them on every rank.
 OPS: dict[str, Callable[..., Any]] = {"score_tokens": score_tokens, "load_checked": load_checked}
 
@@ -110,15 +108,6 @@ def install_step_hook(engine: EmbeddedEngine, should_stop: Callable[[], bool]) -
         return step(*args, **kw)
     engine._last_logits = checked
     return True
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def auth_middleware(api_key: str) -> Callable:
@@ -198,48 +187,21 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 30000, tp: int = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="megaent serve", description="SGLang-compatible rollout server on the megaent policy: SGLang's native "
-        "API (POST /generate, /update_weights_from_disk, /pause_generation, ...) and OpenAI's (/v1/completions, "
-        "/v1/chat/completions, /v1/models). Binds loopback by default; another --host needs an API key.")
-    p.add_argument("--model", required=True, help="HF checkpoint directory (Qwen2 / Llama family) to serve")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="bind address (default 127.0.0.1, loopback only); any other address requires --api-key")
-    p.add_argument("--port", type=int, default=30000, help="TCP port (default 30000, SGLang's)")
-    p.add_argument("--api-key", default=None,
-                   help=f"require `Authorization: Bearer KEY` on every route but /health* (SGLang's --api-key); "
-                   f"default ${API_KEY_ENV}, which keeps the key off the command line")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (launch this many ranks with torchrun)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random streams of requests without sampling_seed")
-    p.add_argument("--batch-window-ms", type=float, default=5.0,
-                   help="how long the batcher waits for more requests before a decode (default 5 ms)")
-    p.add_argument("--max-batch-rows", type=int, default=256,
-                   help="most sample rows (prompts x n) decoded together (default 256)")
-    p.add_argument("--served-model-name", default=None,
-                   help="model name in /v1/models and OpenAI answers (default: the --model path, as SGLang)")
-    p.add_argument("--context-length", type=int, default=None,
-                   help="prompt + max_new_tokens limit (default: max_position_embeddings of config.json)")
-    p.add_argument("--log-level", default="INFO", help="logging level: DEBUG shows ignored request fields")
+    """`megaent serve`'s parser (its options live in megaent.cli, which imports no torch, so --help is fast)."""
+    from megaent.cli import SERVE_DESCRIPTION, add_serve_arguments
+
+    p = argparse.ArgumentParser(prog="megaent serve", description=SERVE_DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_serve_arguments(p)
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python -m megaent.rollout.server ARGS` (what torchrun runs for TP > 1) = `megaent serve ARGS`."""
+    from megaent.cli import run_serve
+
     p = build_parser()
-    a = p.parse_args(list(argv) if argv is not None else None)
-    if not Path(a.model).is_dir():
-        p.error(f"--model {a.model}: no such directory (give a HF checkpoint directory)")
-    api_key = a.api_key or os.environ.get(API_KEY_ENV) or None
-    if not is_loopback(a.host) and not api_key:
-        p.error(f"--host {a.host}: a non-loopback address needs an API key; pass --api-key KEY or set "
-                f"${API_KEY_ENV} (clients send `Authorization: Bearer KEY`), or bind 127.0.0.1")
-    if a.context_length is not None and a.context_length < 2:
-        p.error(f"--context-length {a.context_length}: must be >= 2")
-    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(a.model, host=a.host, port=a.port, tp=a.tp, dtype=a.dtype, seed=a.seed, window_ms=a.batch_window_ms,
-          max_rows=a.max_batch_rows, api_key=api_key, served_model_name=a.served_model_name,
-          context_length=a.context_length)
-    return 0
+    return run_serve(p, p.parse_args(list(argv) if argv is not None else None))
 
 
 if __name__ == "__main__":
