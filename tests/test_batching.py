@@ -4,7 +4,7 @@ Packing is checked against the samples it was built from (targets are the next t
 exactly the response, positions restart per sample, per-token values land on the predicting position).
 The split is checked against brute-force bounds (budget kept, every sample once, the count equals
 first-fit-decreasing's). Group partitioning keeps groups whole. Log-probs: megaent's packed micro-batches
-through `compute_logprobs` (real Policy, one process) vs the HF `transformers` model on a left-padded
+through `compute_logprobs` (the megatron-core GPTModel policy, one process) vs the HF `transformers` model on a left-padded
 batch with an attention mask, plain log_softmax (tolerance 1e-5, fp32).
 Run: OMP_NUM_THREADS=1 python -m pytest tests/test_batching.py
 """
@@ -110,10 +110,12 @@ def test_packed_logprobs_equal_padded_hf(tmp_path):
     os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     try:
         st = init_parallel(1, 1)
-        policy = load_hf(hf_dir, st)
-        mbs = make_micro_batches(ss, max_tokens=25)
+        from megaent.trainer.mcore_engine import build_engine
+
+        policy = load_hf(hf_dir, st, engine="mcore")
+        mbs = [mb.to(st.device) for mb in make_micro_batches(ss, max_tokens=25, share_prefix=False)]
         assert len(mbs) >= 2 and any(len(mb.uids) > 1 for mb in mbs)
-        got = compute_logprobs(policy, mbs, state=st, fill_old=True, samples=ss)
+        got = compute_logprobs(build_engine(policy, st, lr=0.0), mbs, state=st, fill_old=True, samples=ss)
     finally:
         destroy_parallel()
         for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):

@@ -60,14 +60,16 @@ def _run_layout(hf_dir: str, tp: int, pp: int, *, steps: int, distopt: bool | No
     from megaent.config.schema import LossConfig
     from megaent.model import load_hf
     from megaent.parallel import init_parallel
-    from megaent.trainer.mcore_engine import build_engine, forward_backward, pack_samples
+    from megaent.trainer.batching import TrainSample, pack
+    from megaent.trainer.mcore_engine import build_engine, forward_backward
 
     st = init_parallel(tp, pp)
     pol = load_hf(hf_dir, st, engine="mcore")
     eng = build_engine(pol, st, lr=LR, eps=EPS, clip_grad=1.0, distributed_optimizer=distopt)
     mine = _samples()[st.dp_rank::st.dp]
     mult = tp if pol.config.sequence_parallel else 1
-    mbs = [pack_samples(mine[i:i + 2], multiple=mult) for i in range(0, len(mine), 2)]
+    mine = [TrainSample(tokens=t, prompt_len=p, advantage=a) for t, p, a in mine]
+    mbs = [pack(mine[i:i + 2], share_prefix=False, multiple=mult).to(st.device) for i in range(0, len(mine), 2)]
     cfg = LossConfig()
     dp = st.dp_group if st.dp > 1 else None
     norms = []
@@ -146,3 +148,18 @@ def test_weights_after_three_steps_match_one_process(results, tp, pp, dp):
     assert torch.allclose(got["grad_norms"], ref["grad_norms"], rtol=1e-5)
     for k in set(ref) - {"grad_norms"}:
         assert (got[k] - ref[k]).abs().max() <= 1e-5, k
+
+
+def test_lr_schedule_closed_form():
+    import math
+
+    from megaent.trainer.mcore_engine import lr_at
+
+    kw = dict(lr=1.0, warmup_steps=4, schedule="cosine", min_lr_ratio=0.1, total_steps=14)
+    assert [lr_at(s, **kw) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    for s in range(4, 15):
+        want = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 4) / 10))
+        assert abs(lr_at(s, **kw) - want) < 1e-12
+    assert lr_at(100, lr=2.0) == 2.0
+    with pytest.raises(ValueError, match="total_steps"):
+        lr_at(5, lr=1.0, schedule="cosine")

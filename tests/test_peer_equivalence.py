@@ -5,10 +5,11 @@ fp32 `log_softmax`, group-std GRPO advantages (r - mean) / (std + 1e-6) per grou
 token-mean surrogate -sum(A * exp(logp - logp.detach()) * mask) / sum(mask) over the whole batch (ratio 1,
 so PPO clipping never acts), `loss.backward()`. This is what TRL's GRPOTrainer computes with
 loss_type="dapo", beta=0 and num_iterations=1 (tools/bench_peer.py).
-megaent (one gloo rank): `load_hf` -> `make_micro_batches` (several packed micro-batches) ->
+megaent (one gloo rank, megatron-core's engine): `load_hf(engine="mcore")` -> `make_micro_batches` (several
+packed micro-batches) ->
 `train_mini_batch` (PPO, token_mean) on both paths: old log-probs from `compute_logprobs`, and the on-policy
-path (`old_from_current=True`, the trainer's path for one update per rollout). An optimizer stand-in keeps
-the gradients; `save_hf` maps them to HF names. Checks: every parameter's gradient within 1e-5 relative
+path (`old_from_current=True`, the trainer's path for one update per rollout). megatron-core DDP's fp32 main
+gradients are read after the update (lr 0); `save_hf` maps them to HF names. Checks: every parameter's gradient within 1e-5 relative
 (per-tensor norm of the difference over the reference norm; fp32 round-off is ~1e-7), and the on-policy
 path's recorded log-probs / entropy equal `compute_logprobs`'.
 Run: OMP_NUM_THREADS=1 python -m pytest tests/test_peer_equivalence.py   (about 15 s)
@@ -18,7 +19,6 @@ from __future__ import annotations
 import torch
 
 from dist import run_ranks
-from harness import KeepGrads
 
 G, N_GROUPS, VOCAB = 4, 2, 1001
 
@@ -66,33 +66,39 @@ def _megaent(rank, world, hf_dir, batch, out_dir):
     from megaent.model import load_hf, save_hf
     from megaent.parallel import init_parallel
     from megaent.trainer.batching import TrainSample, make_micro_batches
+    from megaent.trainer.mcore_engine import build_engine
     from megaent.trainer.update import compute_logprobs, train_mini_batch
 
     st = init_parallel(1, 1)
-    policy = load_hf(hf_dir, st)
+    policy = load_hf(hf_dir, st, engine="mcore")
+    engine = build_engine(policy, st, lr=0.0, clip_grad=0.0)  # lr 0: the step keeps the weights
+    named = dict(policy.named_parameters())
     cfg = LossConfig(policy_loss="ppo", loss_agg="token_mean")
     res = {}
     for path in ("explicit_old", "on_policy"):
         samples = [TrainSample(tokens=d["tokens"], prompt_len=d["prompt_len"], advantage=d["advantage"],
                                group=d["group"], uid=d["uid"]) for d in batch]
-        mbs = make_micro_batches(samples, max_tokens=40, dp_group=st.dp_group)
-        opt = KeepGrads(policy)
+        mbs = [mb.to(st.device) for mb in make_micro_batches(samples, max_tokens=40, dp_group=st.dp_group,
+                                                              share_prefix=False)]
         if path == "explicit_old":
-            compute_logprobs(policy, mbs, state=st, fill_old=True, samples=samples)
-        train_mini_batch(policy, opt, mbs, loss_cfg=cfg, state=st, old_from_current=path == "on_policy")
+            compute_logprobs(engine, mbs, state=st, fill_old=True, samples=samples)
+        train_mini_batch(engine, mbs, loss_cfg=cfg, state=st, old_from_current=path == "on_policy")
+        # megatron-core DDP's fp32 main gradients (kept until the next update zeroes them)
+        grads = [named[policy.mcore_name(spec.name)].main_grad.detach().clone() for spec in policy.param_specs()]
+        params = [named[policy.mcore_name(spec.name)] for spec in policy.param_specs()]
         with torch.no_grad():  # write the gradients into the weights, so save_hf names them as HF does
-            saved = [p.detach().clone() for p in policy.parameters()]
-            for p, g in zip(policy.parameters(), opt.grads):
+            saved = [p.detach().clone() for p in params]
+            for p, g in zip(params, grads):
                 p.copy_(g)
             save_hf(policy, st, f"{out_dir}/{path}")
-            for p, w in zip(policy.parameters(), saved):
+            for p, w in zip(params, saved):
                 p.copy_(w)
         import glob
 
-        grads = {}
+        out = {}
         for f in glob.glob(f"{out_dir}/{path}/*.safetensors"):
-            grads.update(load_file(f))
-        res[path] = dict(grads=grads, n_mb=len(mbs), lp=[mb.logprobs.clone() for mb in mbs],
+            out.update(load_file(f))
+        res[path] = dict(grads=out, n_mb=len(mbs), lp=[mb.logprobs.clone() for mb in mbs],
                          ent=[mb.entropy.clone() for mb in mbs])
     return res
 

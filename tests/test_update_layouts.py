@@ -5,7 +5,9 @@ Reference (written here, no megaent code): the HF `transformers` Qwen2 model, pe
 candidates lb < c < ub that PPO did not clip, k = max(1, floor(r * N)) of them picked by the documented
 counter-based priority hash of (seed, token uid), re-implemented below in plain Python ints), token-mean
 over the whole mini-batch, `clip_grad_norm_`, `torch.optim.AdamW` (decay on matrices only).
-megaent: `load_hf` on layouts (TP, PP, DP) = (1,1,1), (2,1,1), (1,2,1), (1,1,2), (2,2,1), (1,2,2), (2,1,2)
+megaent, on megatron-core's engine (GPTModel with sequence parallel at TP = 2, DDP, `get_megatron_optimizer`
+with the distributed optimizer whenever DP > 1, `get_forward_backward_func`): `load_hf(engine="mcore")` on
+layouts (TP, PP, DP) = (1,1,1), (2,1,1), (1,2,1), (1,1,2), (2,2,1), (1,2,2), (2,1,2)
 (gloo ranks), `scatter_samples` -> `make_micro_batches` -> `compute_logprobs` -> `train_mini_batch` ->
 `save_hf`. Checks: log-probs of packed micro-batches, the global grad norm, and every parameter after
 the step within 1e-5 (fp32; Adam's eps is 1e-6 so that grads at round-off level cannot flip an update of
@@ -95,29 +97,40 @@ def _run_layout(tp, pp, hf_dir, data, olds, out_dir, max_tokens):
     import torch.distributed as dist
     from safetensors.torch import load_file
 
-    from megaent.config.schema import LossConfig, OptimizerConfig
+    from megaent.config.schema import LossConfig
     from megaent.model import load_hf, save_hf
     from megaent.parallel import init_parallel
     from megaent.trainer.batching import TrainSample, make_micro_batches, scatter_samples
-    from megaent.trainer.optimizer import build_optimizer
+    from megaent.trainer.mcore_engine import build_engine
     from megaent.trainer.update import compute_logprobs, train_mini_batch
 
     st = init_parallel(tp, pp)
-    policy = load_hf(hf_dir, st)
+    policy = load_hf(hf_dir, st, engine="mcore")  # sequence parallel on with TP > 1
+    # megatron-core DDP + optimizer; the distributed optimizer is on whenever DP > 1
+    engine = build_engine(policy, st, lr=LR, weight_decay=WD, eps=EPS, clip_grad=CLIP)
+    assert policy.config.sequence_parallel == (tp > 1)
+    multiple = tp if policy.config.sequence_parallel else 1
+
+    def micro_batches(mine):
+        mbs = make_micro_batches(mine, max_tokens=max_tokens, dp_group=st.dp_group, share_prefix=False,
+                                 multiple=multiple, device=st.device)
+        return [mb.to(st.device) for mb in mbs]
+
     samples = None
     if st.rank == 0:
         samples = [TrainSample(tokens=d["tokens"], prompt_len=d["prompt_len"], advantage=d["advantage"],
                                group=d["group"], uid=d["uid"]) for d in data]
     mine = scatter_samples(samples, dp_rank=st.dp_rank, dp=st.dp)
-    mbs = make_micro_batches(mine, max_tokens=max_tokens, dp_group=st.dp_group)
-    lps = compute_logprobs(policy, mbs, state=st, fill_old=True, samples=mine)
+    mbs = micro_batches(mine)
+    lps = compute_logprobs(engine, mbs, state=st, fill_old=True, samples=mine)
     for s in mine:  # the rollout's old log-probs differ from the current ones (PPO clipping matters)
         s.old_logprobs = olds[s.uid]
-    mbs = make_micro_batches(mine, max_tokens=max_tokens, dp_group=st.dp_group)
-    opt = build_optimizer(policy, cfg=OptimizerConfig(lr=LR, weight_decay=WD, eps=EPS, grad_clip=CLIP), state=st)
+    mbs = micro_batches(mine)
     cfg = LossConfig(policy_loss="clip_cov", **CC)
-    stats = train_mini_batch(policy, opt, mbs, loss_cfg=cfg, state=st,
-                             generator=torch.Generator().manual_seed(GEN_SEED))
+    stats = train_mini_batch(engine, mbs, loss_cfg=cfg, state=st, generator=torch.Generator().manual_seed(GEN_SEED))
+    stats["distributed_optimizer"] = float(hasattr(engine.optimizer.chained_optimizers[0]
+                                                   if hasattr(engine.optimizer, "chained_optimizers")
+                                                   else engine.optimizer, "model_param_group_index_map"))
     path = f"{out_dir}/tp{tp}pp{pp}-{max_tokens}"
     save_hf(policy, st, path)
     n_mb = torch.tensor([len([m for m in mbs if not m.is_empty])])
@@ -136,6 +149,11 @@ def _world(rank, world, layouts, hf_dir, data, olds, out_dir):
     return {(tp, pp, mt): _run_layout(tp, pp, hf_dir, data, olds, out_dir, mt) for tp, pp, mt in layouts}
 
 
+def key_dp(key, world):
+    tp, pp, _ = key
+    return world // (tp * pp)
+
+
 def _check(results, ref, layouts):
     for rank, per_rank in enumerate(results):
         for key, r in per_rank.items():
@@ -143,6 +161,7 @@ def _check(results, ref, layouts):
                 assert (lp - ref["logprobs"][uid]).abs().max() < 1e-5, (key, rank, uid)
             assert abs(r["stats"]["grad_norm"] - ref["norm"]) < 1e-5 * max(1.0, ref["norm"]), (key, r["stats"])
             assert r["stats"]["skipped"] == 0.0
+            assert r["stats"]["distributed_optimizer"] == float(key_dp(key, len(results)) > 1), key
     for key in layouts:
         sd = results[0][key]["sd"]
         assert set(sd) >= {k for k in ref["state"] if k != "lm_head.weight"}, key

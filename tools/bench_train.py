@@ -92,31 +92,29 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, hf_dir: st
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(max(1, args.threads // world))
-    from megaent.config.schema import LossConfig, OptimizerConfig
-    from megaent.model import load_hf
-    from megaent.model.backends import apply_backend
+    from megaent.config.schema import LossConfig, ModelConfig, OptimizerConfig
     from megaent.parallel import destroy_parallel, init_parallel
     from megaent.trainer.batching import make_micro_batches, partition_groups
-    from megaent.trainer.optimizer import build_optimizer
+    from megaent.trainer.components import build_engine, load_policy
     from megaent.trainer.update import compute_logprobs, train_mini_batch
 
     st = init_parallel(tp, pp)
     try:
-        dtype = torch.bfloat16 if st.device.type == "cuda" else torch.float32
-        policy = load_hf(hf_dir, st, dtype=dtype)
-        if variant:  # backend / precision / recompute, as the trainer's load_policy applies them
-            apply_backend(policy, **variant)
+        dtype = "bfloat16" if st.device.type == "cuda" else "float32"
+        # backend / precision / recompute: the trainer's own load_policy (megatron-core GPTModel) applies them
+        policy = load_policy(ModelConfig(dtype=dtype, **(variant or {})), Path(hf_dir), state=st)
+        engine = build_engine(policy, OptimizerConfig(lr=1e-6), state=st)
         mine = partition_groups(make_samples(args.samples, args.seq, args.vocab), st.dp)[st.dp_rank]
-        mbs = [mb.to(st.device) for mb in make_micro_batches(mine, max_tokens=args.max_tokens, dp_group=st.dp_group)]
-        fused = st.device.type == "cuda"  # chunked head + loss: no [T, V] logits at vocab 152k
-        compute_logprobs(policy, mbs, state=st, fill_old=True, fused_head=fused)
-        opt = build_optimizer(policy, cfg=OptimizerConfig(lr=1e-6), state=st)
+        multiple = tp if policy.config.sequence_parallel else 1
+        mbs = make_micro_batches(mine, max_tokens=args.max_tokens, dp_group=st.dp_group, share_prefix=False,
+                                 multiple=multiple, device=st.device)
+        compute_logprobs(engine, mbs, state=st, fill_old=True)
         times = []
         for i in range(args.steps + 1):
             if st.device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            train_mini_batch(policy, opt, mbs, loss_cfg=LossConfig(), state=st, fused_head=fused)
+            train_mini_batch(engine, mbs, loss_cfg=LossConfig(), state=st)
             if st.device.type == "cuda":
                 torch.cuda.synchronize()
             if i > 0:  # first step is warm-up

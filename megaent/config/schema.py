@@ -101,11 +101,6 @@ class RolloutConfig:
     """Maximum response length in tokens."""
     ignore_eos: bool = False
     """Sample every response to max_new_tokens: EOS does not stop a sample (benchmarks with equal lengths)."""
-    reuse_forward: bool = True
-    """Embedded engine: keep the decode's linear outputs so that forwards of the update on the same, unchanged
-    weights read them instead of recomputing (megaent.model.tape; same gradient, a third fewer update FLOPs)."""
-    reuse_forward_max_gib: float = 2.0
-    """Memory cap of the kept outputs per decode batch; larger batches are not recorded (plain forward)."""
     request_timeout_s: float = 600.0
     """HTTP timeout of one generate request."""
     weight_sync: Literal["disk", "nccl"] = "disk"
@@ -182,8 +177,9 @@ class OptimizerConfig:
     """Learning-rate schedule after warmup."""
     min_lr_ratio: float = 0.0
     """Cosine floor as a fraction of lr."""
-    zero1: bool = False
-    """Shard optimizer state over data-parallel ranks (ZeRO-1); checkpoints stay layout-independent."""
+    distributed_optimizer: Optional[bool] = None
+    """megatron-core's distributed optimizer (fp32 main parameters and Adam state sharded over data-parallel
+    ranks, gradients reduce-scattered); None = on when DP > 1. Checkpoints stay layout-independent."""
 
 
 @dataclass
@@ -202,8 +198,9 @@ class TrainerConfig:
     """Passes over each rollout batch."""
     max_tokens_per_micro_batch: int = 4096
     """Token budget of one micro-batch (token-balanced packing)."""
-    share_prompt_prefix: bool = True
-    """Forward each GRPO group's prompt once per micro-batch, its samples attending to it (same gradient)."""
+    share_prompt_prefix: bool = False
+    """Forward each GRPO group's prompt once per micro-batch, its samples attending to it (same gradient).
+    Not yet on the megatron-core engine (its packed THD attention has no shared-prefix layout): must be false."""
     checkpoint_every: int = 10
     """Steps between checkpoints (0 = only at the end and on signals)."""
     keep_last: int = 2

@@ -51,7 +51,6 @@ RULES: dict[str, Rule] = {
     "rollout.top_p": _unit(True, False),
     "rollout.top_k": ((lambda v: v == -1 or v >= 1), "must be -1 (off) or >= 1"),
     "rollout.max_new_tokens": _at_least(1),
-    "rollout.reuse_forward_max_gib": _at_least(0),
     "rollout.request_timeout_s": _positive(" seconds; the default is 600"),
     "rollout.sglang_mem_fraction": _unit(True, True, "; SGLang's default is 0.8"),
     "rollout.sglang_tp": _at_least(1),
@@ -128,6 +127,8 @@ def _consistency(cfg: Config) -> None:
     layers = cfg.model.pipeline_layers
     _check(layers is None or (len(layers) == p.pp and all(n >= 1 for n in layers)), "model.pipeline_layers",
            layers, f"needs parallel.pp={p.pp} entries, each >= 1 (or null for an even split)")
+    _check(not t.share_prompt_prefix, "trainer.share_prompt_prefix", t.share_prompt_prefix,
+           "set it to false: the megatron-core engine's packed (THD) attention has no shared-prefix layout yet")
 
 
 def validate(cfg: Config) -> None:

@@ -1,27 +1,22 @@
-"""Layer backends and precisions: what each needs, one clear error when it is missing, and applying them.
+"""Layer backends and precisions: what each needs, and one clear error when it is missing.
 
-- backend=local, precision=fp32|bf16: megatron-core local TP layers; runs anywhere (bf16 on CPU is slow but
-  correct). precision=bf16 over fp32 parameters (model.dtype=float32) runs the decoder layers under
-  `torch.autocast("cuda", bf16)` on GPU (on CPU it stays fp32: megatron's linear backward re-enters autocast
-  for CUDA only); over bf16 parameters it changes nothing.
-- backend=te: Transformer Engine linears and norms (`megaent.model.te_layers`; CUDA GPU with
-  `pip install 'megaent[gpu]'`).
-- precision=fp8: with backend=te, TE's `fp8_autocast` with `model.fp8_recipe`; with backend=local, torchao
-  float8 training on the decoder linears (`megaent.model.fp8`). Needs an FP8 GPU (sm_89+; mxfp8 sm_100+).
-- activation_checkpointing: `full` recomputes whole decoder layers (Policy); `selective` recomputes only the
-  core attention (softmax(QK^T)V, the part Korthikanti et al. 2022 show is cheap to recompute and large to
-  keep), set per layer as `attn.recompute_core`.
-- apex (`model.apex=auto`): fused RMSNorm on the local backend on CUDA when apex imports; fused Adam is
-  chosen by the optimizer (`megaent.model.apex_ops.adamw_kernel`).
-- compile (`model.compile=true`): `torch.compile` of each decoder layer (not with backend=te, whose
-  kernels are already fused and whose FP8 state breaks graphs).
-- NCCL gradient reduce (megaent/parallel/grads.py, not changed here): buckets are per grad dtype, so with
-  model.dtype=bfloat16 the DP all-reduce already runs in bf16; fp32 parameters reduce in fp32. Overlapping
-  the reduce with backward needs per-bucket `register_post_accumulate_grad_hook`s that launch async
-  all-reduces on the last micro-batch only (the engine accumulates over micro-batches first), and a wait
-  before `grad_norm`; left for a GPU session that can measure it.
-`check_backend` raises before anything is built; `apply_backend` turns a loaded local Policy into the
-configured one (call it before building the optimizer) and returns what it did, for one log line.
+The trainer's policy is megatron-core's GPTModel (`megaent.model.gpt_policy.GPTPolicy`): there the backend
+picks the layer spec (local, or Transformer Engine with `model.backend=te`), FP8 is megatron-core's own
+`TransformerConfig` fp8 settings, recompute is megatron-core's `recompute_granularity`, and the gradient
+reduce (fp32 main grads, bucketed, overlapped with backward) is megatron-core's DDP. `check_backend` runs
+before anything is built and names what to install or change.
+
+`apply_backend` serves megaent's own inference decoder (`megaent.model.policy.Policy`, the embedded rollout
+engine and `megaent serve`), not the training update:
+- backend=local, precision=fp32|bf16: megatron-core local TP layers; bf16 over fp32 parameters runs the
+  decoder layers under `torch.autocast("cuda", bf16)` on GPU.
+- backend=te: Transformer Engine linears and norms (`megaent.model.te_layers`; CUDA with `megaent[gpu]`).
+- precision=fp8: with backend=te, TE's autocast with `model.fp8_recipe`; with backend=local, torchao
+  float8 on the decoder linears (`megaent.model.fp8`). Needs an FP8 GPU (sm_89+; mxfp8 sm_100+).
+- activation_checkpointing: `full` recomputes whole decoder layers; `selective` only the core attention.
+- apex (`model.apex=auto`): fused RMSNorm on the local backend on CUDA when apex imports.
+- compile: `torch.compile` of each decoder layer (not with backend=te).
+It returns what it did, for one log line.
 """
 from __future__ import annotations
 

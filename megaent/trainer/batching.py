@@ -30,7 +30,7 @@ samples (scatter_object_list over the world group) from `src`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -115,9 +115,32 @@ class MicroBatch:
         return not self.uids
 
     def to(self, device: torch.device) -> "MicroBatch":
-        """A copy with every tensor on `device`."""
-        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        """A copy with every tensor on `device` (the device rule: the model's inputs live on its device)."""
+        moved = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+                 for k, v in self.__dict__.items()}
         return MicroBatch(**moved)
+
+    @property
+    def cu_seqlens(self) -> torch.Tensor:
+        """[n_seg + 1] int32 segment boundaries of the row (THD layout), on the row's device."""
+        seg = self.segment_ids.reshape(-1)
+        starts = torch.nonzero(seg[1:] != seg[:-1]).reshape(-1) + 1
+        ends = torch.tensor([seg.numel()], device=seg.device)
+        zero = torch.zeros(1, dtype=starts.dtype, device=seg.device)
+        return torch.cat([zero, starts, ends]).to(torch.int32)
+
+    def packed_seq_params(self) -> Any:
+        """megatron-core `PackedSeqParams` (THD): each segment attends causally to itself only.
+
+        Needs a row without prefix sharing (`pack(share_prefix=False)`). One host sync (the longest segment)."""
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        if self.prefix_ids is not None:
+            raise ValueError("a prefix-shared micro-batch has no THD layout; pack it with share_prefix=False")
+        cu = self.cu_seqlens
+        longest = int((cu[1:] - cu[:-1]).max())
+        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                               max_seqlen_kv=longest)
 
 
 def share_units(samples: Sequence[TrainSample]) -> list[list[int]]:
@@ -142,8 +165,11 @@ def unit_tokens(samples: Sequence[TrainSample]) -> int:
     return samples[0].prompt_len - 1 + sum(s.response_len for s in samples)
 
 
-def pack(samples: Sequence[TrainSample], *, share_prefix: bool = True) -> MicroBatch:
-    """Pack `samples` into one row (no padding); an empty list gives a 1-token micro-batch with mask 0.
+def pack(samples: Sequence[TrainSample], *, share_prefix: bool = True, multiple: int = 1) -> MicroBatch:
+    """Pack `samples` into one row; an empty list gives a `multiple`-token micro-batch with mask 0.
+
+    multiple: the row is padded to a multiple of it (TP with sequence parallelism splits the row over the TP
+    ranks) by one last segment of token 0 with mask 0.
 
     share_prefix: samples of one `share_units` unit share one prefix segment
     (see `MicroBatch`); a lone sample keeps the full layout (positions 0..L-1,
@@ -151,8 +177,8 @@ def pack(samples: Sequence[TrainSample], *, share_prefix: bool = True) -> MicroB
     given order (the layout without sharing, the reference of the tests).
     """
     if not samples:
-        z = torch.zeros(1, 1, dtype=torch.long)
-        f = torch.zeros(1, 1, dtype=torch.float32)
+        z = torch.zeros(1, max(1, multiple), dtype=torch.long)
+        f = torch.zeros(1, max(1, multiple), dtype=torch.float32)
         return MicroBatch(input_ids=z, position_ids=z.clone(), segment_ids=z.clone(), targets=z.clone(), mask=f,
                           advantages=f.clone(), old_logprobs=f.clone(), token_uid=z.clone())
     for s in samples:
@@ -191,6 +217,11 @@ def pack(samples: Sequence[TrainSample], *, share_prefix: bool = True) -> MicroB
             lengths.append(len(s))
             prompt_lens.append(s.prompt_len)
             emit(_columns(s), a, b, prefix)
+    pad = (-row) % max(1, multiple)
+    if pad:
+        zeros = {k: torch.zeros(pad, dtype=torch.long if k in ("ids", "pos", "tgt", "uid") else torch.float32)
+                 for k in ("ids", "pos", "tgt", "mask", "adv", "old", "ref", "uid")}
+        emit(zeros, 0, pad, -1)
     r = {k: torch.cat(v)[None] for k, v in cols.items()}
     return MicroBatch(input_ids=r["ids"], position_ids=r["pos"], segment_ids=r["seg"], targets=r["tgt"],
                       mask=r["mask"], advantages=r["adv"], old_logprobs=r["old"], token_uid=r["uid"],
@@ -267,7 +298,8 @@ def split_token_balanced(lengths: Sequence[int], *, max_tokens: int) -> list[lis
 
 
 def make_micro_batches(samples: Sequence[TrainSample], *, max_tokens: int, dp_group: Optional[dist.ProcessGroup] = None,
-                       share_prefix: bool = True) -> list[MicroBatch]:
+                       share_prefix: bool = True, multiple: int = 1, device: Optional[torch.device] = None
+                       ) -> list[MicroBatch]:
     """Token-balanced packed micro-batches; with `dp_group`, padded with empty ones to the DP-wide maximum count.
 
     share_prefix: each `share_units` unit (a GRPO group with one prompt) is
@@ -276,14 +308,16 @@ def make_micro_batches(samples: Sequence[TrainSample], *, max_tokens: int, dp_gr
     balanced pieces, each with its own copy of the prefix. False: samples are
     balanced one by one (the layout without sharing).
     Equal counts keep per-micro-batch collectives of the loss lined up across
-    DP ranks. 1 all-reduce (MAX) on dp_group when given.
+    DP ranks. multiple: each row padded to a multiple of it (`pack`). 1 all-reduce (MAX) on dp_group when
+    given, on `device`. The micro-batches are built on the host; `MicroBatch.to` moves them.
     """
     units = share_units(samples) if share_prefix else [[i] for i in range(len(samples))]
     pieces = [piece for unit in units for piece in _split_unit(samples, unit, max_tokens=max_tokens)]
     costs = [unit_tokens([samples[i] for i in piece]) for piece in pieces]
     bins = split_token_balanced(costs, max_tokens=max_tokens)
-    mbs = [pack([samples[i] for j in b for i in pieces[j]], share_prefix=share_prefix) for b in bins]
-    return equalize_micro_batches(mbs, dp_group=dp_group)
+    mbs = [pack([samples[i] for j in b for i in pieces[j]], share_prefix=share_prefix, multiple=multiple)
+           for b in bins]
+    return equalize_micro_batches(mbs, dp_group=dp_group, multiple=multiple, device=device)
 
 
 def _split_unit(samples: Sequence[TrainSample], unit: list[int], *, max_tokens: int) -> list[list[int]]:
@@ -295,12 +329,15 @@ def _split_unit(samples: Sequence[TrainSample], unit: list[int], *, max_tokens: 
     return [[unit[j] for j in b] for b in bins]
 
 
-def equalize_micro_batches(mbs: list[MicroBatch], *, dp_group: Optional[dist.ProcessGroup]) -> list[MicroBatch]:
-    """Append empty micro-batches up to the largest count on `dp_group` (at least 1 micro-batch everywhere)."""
-    count = torch.tensor([max(1, len(mbs))], dtype=torch.long)
+def equalize_micro_batches(mbs: list[MicroBatch], *, dp_group: Optional[dist.ProcessGroup], multiple: int = 1,
+                           device: Optional[torch.device] = None) -> list[MicroBatch]:
+    """Append empty micro-batches up to the largest count on `dp_group` (at least 1 micro-batch everywhere).
+
+    1 all-reduce (MAX) of one int on dp_group, on `device` (the group's device: the policy's under NCCL)."""
+    count = torch.tensor([max(1, len(mbs))], dtype=torch.long, device=device)
     if dp_group is not None and dist.get_world_size(dp_group) > 1:
         dist.all_reduce(count, op=dist.ReduceOp.MAX, group=dp_group)
-    return list(mbs) + [pack([]) for _ in range(int(count.item()) - len(mbs))]
+    return list(mbs) + [pack([], multiple=multiple) for _ in range(int(count.item()) - len(mbs))]
 
 
 def partition_groups(samples: Sequence[TrainSample], parts: int) -> list[list[TrainSample]]:

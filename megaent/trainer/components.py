@@ -12,11 +12,13 @@ import torch
 import torch.distributed as dist
 
 from megaent.config import Config, ConfigError, DataConfig, ModelConfig, RewardConfig
+from megaent.config.schema import OptimizerConfig
 from megaent.parallel import ParallelState
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_FP8_RECIPES = {"delayed": "delayed", "current": "tensorwise", "mxfp8": "mxfp8"}  # megatron-core's names
 
 
 def derive_seed(*parts: int) -> int:
@@ -98,17 +100,35 @@ def check_backend(cfg: ModelConfig) -> None:
 
 
 def load_policy(cfg: ModelConfig, hf_dir: Path, *, state: ParallelState) -> Any:
+    """The training policy: megatron-core `GPTModel` (`megaent.model.gpt_policy.GPTPolicy`) from the HF dir.
+
+    model.dtype is the parameters' dtype (bfloat16: megatron-core's mixed precision, fp32 main gradients and
+    main parameters in the optimizer); model.backend picks the layer spec (local / Transformer Engine);
+    precision=fp8 sets megatron-core's fp8 settings (TE spec, `model.fp8_recipe`); activation_checkpointing is
+    megatron-core's recompute granularity. Sequence parallelism is on whenever TP > 1."""
     from megaent.model import load_hf
-    from megaent.model.backends import apply_backend
 
     check_backend(cfg)
-    policy = load_hf(str(hf_dir), state, dtype=_DTYPES[cfg.dtype], pipeline_layers=cfg.pipeline_layers)
-    # TE layers / float8 / autocast / recompute marks / compile; the defaults leave the local policy as loaded
-    done = apply_backend(policy, backend=cfg.backend, precision=cfg.precision, fp8_recipe=cfg.fp8_recipe,
-                         activation_checkpointing=cfg.activation_checkpointing, apex=cfg.apex, compile=cfg.compile)
+    if cfg.compile:
+        raise ConfigError("model.compile=true: torch.compile of megatron-core's layers is not supported; "
+                          "set model.compile=false (the TE spec brings fused kernels on GPUs)")
+    dtype = torch.bfloat16 if cfg.precision in ("bf16", "fp8") else _DTYPES[cfg.dtype]
+    policy = load_hf(str(hf_dir), state, dtype=dtype, pipeline_layers=cfg.pipeline_layers, engine="mcore",
+                     backend=cfg.backend, recompute=cfg.activation_checkpointing,
+                     fp8=_FP8_RECIPES[cfg.fp8_recipe] if cfg.precision == "fp8" else None)
     if state.rank == 0:
-        log.info("model backend: %s", ", ".join(f"{k}={v}" for k, v in done.items()))
+        log.info("policy: megatron-core GPTModel, backend=%s, params %s, recompute=%s, sequence_parallel=%s",
+                 cfg.backend, str(dtype).replace("torch.", ""), cfg.activation_checkpointing,
+                 policy.config.sequence_parallel)
     return policy
+
+
+def build_engine(policy: Any, cfg: OptimizerConfig, *, state: ParallelState) -> Any:
+    """megatron-core DDP + optimizer around the policy (`megaent.trainer.mcore_engine.build_engine`)."""
+    from megaent.trainer.mcore_engine import build_engine as _build
+
+    return _build(policy, state, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
+                  eps=cfg.eps, clip_grad=cfg.grad_clip, distributed_optimizer=cfg.distributed_optimizer)
 
 
 def export_hf(policy: Any, state: ParallelState, out: Path) -> Path:

@@ -1,8 +1,11 @@
 """The rollout phase of an RL step: prompts -> samples on every rank, whatever the engine.
 
 Engines (rollout.engine):
-- embedded, PP = 1: the engine runs on the training policy itself (no weight copy, no sync). Each DP replica
-  samples its share of the prompts, all TP ranks of a replica in lockstep; the shares are all-gathered over DP.
+- embedded, PP = 1: the engine's KV-cached decoder (`megaent.model.policy.Policy`, TP-sharded like the
+  trainer) reads the training GPTModel's own parameter storage wherever the layouts agree (`bind_inference`);
+  only the fused QKV, which megatron-core lays out per query group, is copied after each update (`sync`).
+  Each DP replica samples its share of the prompts, all TP ranks of a replica in lockstep; the shares are
+  all-gathered over DP.
 - embedded, PP > 1: a stage holds only some layers, so every rank keeps a full inference copy (TP = 1, a world
   of one) reloaded from `rollout_weights/` after each update (fine for the CPU demo; GPU runs use SGLang).
 - http / sglang: rank 0 talks to the servers (`megaent serve` or SGLang) and broadcasts the samples; weights go
@@ -17,6 +20,7 @@ import logging
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import torch
 import torch.distributed as dist
 
 from megaent.config import RolloutConfig
@@ -25,6 +29,40 @@ from megaent.rollout.types import Sample, SamplingParams
 from megaent.trainer.components import derive_seed
 
 log = logging.getLogger(__name__)
+
+
+def bind_inference(decoder: Any, policy: Any) -> list[str]:
+    """Point the decoder's parameters at the training policy's storage wherever the layouts agree; returns the
+    names that must be copied instead (`sync_inference`). Call after megatron-core DDP has placed the
+    parameters in its buffers. No collectives."""
+    params = dict(decoder.named_parameters())
+    copied = []
+    with torch.no_grad():
+        for name, t in policy.megaent_params().items():
+            p = params[name]
+            if tuple(t.shape) != tuple(p.shape) or t.dtype != p.dtype:
+                raise ValueError(f"{name}: training shard {tuple(t.shape)} {t.dtype} vs decoder "
+                                 f"{tuple(p.shape)} {p.dtype}")
+            if any(t.data_ptr() == q.data_ptr() for q in policy.parameters()):
+                p.data = t.data  # the same storage: optimizer steps are seen without a copy
+            else:
+                p.copy_(t)
+                copied.append(name)
+    return copied
+
+
+def sync_inference(decoder: Any, policy: Any, copied: Sequence[str]) -> None:
+    """After an optimizer step: copy the non-shared parameters, bump every version (the decode runner's caches
+    of packed weights are stamped with it). No collectives."""
+    from torch.autograd.graph import increment_version
+
+    params = dict(decoder.named_parameters())
+    view = policy.megaent_params() if copied else {}
+    with torch.no_grad():
+        for name in copied:
+            params[name].copy_(view[name])
+    for p in decoder.parameters():
+        increment_version(p)
 
 
 class RolloutPhase:
@@ -37,15 +75,19 @@ class RolloutPhase:
         self.weights_dir = run_dir / "rollout_weights"
         self.client: Any = None
         self.engine: Any = None
-        self._recorded: dict[int, Any] = {}  # TrainSample uid -> (ActivationTape, decode row)
+        self.decoder: Any = None
+        self._copied: list[str] = []
         self.servers: Any = None
         if cfg.engine == "embedded":
             from megaent.rollout.embedded import EmbeddedEngine
 
             if state.pp == 1:
-                self.engine = EmbeddedEngine(policy, state, eos_token_ids=self.eos, seed=seed,
-                                             record_tapes=cfg.reuse_forward,
-                                             tape_max_bytes=int(cfg.reuse_forward_max_gib * 2**30))
+                from megaent.model import load_hf
+
+                self.decoder = load_hf(hf_dir, state, dtype=policy.dtype)
+                self._copied = bind_inference(self.decoder, policy)
+                self.engine = EmbeddedEngine(self.decoder, state, eos_token_ids=self.eos, seed=seed,
+                                             record_tapes=False)
             else:
                 self._solo = singleton_state(state)
                 from megaent.model import load_hf
@@ -96,34 +138,10 @@ class RolloutPhase:
         dist.all_gather_object(shares, local, group=st.dp_group)
         return [s for share in shares for s in share]
 
-    def replay_source(self, samples: Sequence[Any]) -> Any:
-        """`megaent.model.tape.ReplaySource` over the tapes that recorded these TrainSamples' rollouts (matched
-        by uid through `note_samples`), or None when the engine does not share the policy or kept nothing."""
-        if not (self.shares_policy and self.cfg.reuse_forward) or not self._recorded:
-            return None
-        from megaent.model.tape import ReplaySource
-
-        rows = {s.uid: self._recorded[s.uid] for s in samples if s.uid in self._recorded}
-        return ReplaySource(self.policy, rows=rows) if rows else None
-
-    def note_samples(self, by_uid: dict[int, Sample]) -> None:
-        """Remember which tape recorded each training sample (uid -> rollout Sample); see `replay_source`."""
-        self._recorded = {}
-        if self.shares_policy and self.cfg.reuse_forward:
-            for uid, smp in by_uid.items():
-                hit = self.engine.tape_row(smp)
-                if hit is not None:
-                    self._recorded[uid] = hit
-
-    def release(self) -> None:
-        """Free the recorded activations (after the update that used them)."""
-        self._recorded = {}
-        if self.engine is not None:
-            self.engine.clear_tapes()
-
     def sync(self, *, step: int) -> str:
         """Collective: make the engine sample from the updated policy; returns the route taken."""
         if self.shares_policy:
+            sync_inference(self.decoder, self.policy, self._copied)
             return "shared"
         from megaent.model import save_hf
 

@@ -47,12 +47,9 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.hf_dir = components.prepare_policy_dir(cfg, run_dir=run_dir, state=state)
         self.tokenizer = components.load_tokenizer(self.hf_dir)
-        self.policy = components.load_policy(cfg.model, self.hf_dir, state=state)
-        updates_per_step = t.ppo_epochs * (t.prompts_per_step // t.mini_batch_size)
-        from megaent.trainer.optimizer import build_optimizer
-
-        self.optimizer = build_optimizer(self.policy, cfg=cfg.optimizer, state=state,
-                                         total_steps=t.steps * updates_per_step)
+        self.policy = components.load_policy(cfg.model, self.hf_dir, state=state)  # megatron-core GPTModel
+        self.engine = components.build_engine(self.policy, cfg.optimizer, state=state)  # its DDP + optimizer
+        self.total_updates = t.steps * t.ppo_epochs * (t.prompts_per_step // t.mini_batch_size)
         self.prompts = components.build_prompts(cfg.data, self.tokenizer, seed=t.seed, batch_size=t.prompts_per_step)
         self.scorer = components.build_scorer(cfg.reward, cfg.data) if state.rank == 0 else None
         self.rollout = RolloutPhase(cfg.rollout, policy=self.policy, state=state, hf_dir=str(self.hf_dir),
@@ -108,14 +105,7 @@ class Trainer:
         t_roll = time.monotonic() - t0
         mine = partition_groups(samples, self.state.dp)[self.state.dp_rank]
         metrics = dict(roll)
-        # Rollout-forward reuse: forwards of the update on the rollout's weights read the decode's linear outputs.
-        self.policy.replay_source = None if self.policy.activation_checkpointing else \
-            self.rollout.replay_source(mine)
-        try:
-            metrics.update(self.update(step, mine))
-        finally:
-            self.policy.replay_source = None
-            self.rollout.release()
+        metrics.update(self.update(step, mine))
         t_train = time.monotonic() - t0 - t_roll
         route = self.rollout.sync(step=step)
         step_s = time.monotonic() - t0
@@ -140,8 +130,6 @@ class Trainer:
         a, t, G = self.cfg.algorithm, self.cfg.trainer, self.cfg.rollout.n_samples
         seen: dict[str, list] = {"rewards": [], "lengths": [], "texts": [], "timeouts": [0]}
         self._rollout_lps = {}
-        self.rollout.release()
-        by_uid = {}
 
         def sample_more(missing: int, round_: int) -> tuple[list, list[list[float]]]:
             prompts = self.prompts.next_batch()
@@ -173,8 +161,6 @@ class Trainer:
                                                prompt_len=len(s.prompt_ids), advantage=float(adv[gi, j]),
                                                group=gi, uid=uid))
                     self._rollout_lps[uid] = s.logprobs
-                    by_uid[uid] = s
-        self.rollout.note_samples(by_uid)
         r = torch.tensor(seen["rewards"] or [0.0])
         lengths = seen["lengths"]
         metrics = {"reward/mean": float(r.mean()), "reward/std": float(r.std()) if r.numel() > 1 else 0.0,
@@ -196,36 +182,49 @@ class Trainer:
             dist.broadcast_object_list(out, src=0)
         return out[0]
 
+    def _micro_batches(self, samples: list[TrainSample]) -> list:
+        """Token-balanced THD micro-batches of `samples` on the policy's device (equal count over DP)."""
+        st, t = self.state, self.cfg.trainer
+        multiple = st.tp if self.policy.config.sequence_parallel else 1
+        mbs = make_micro_batches(samples, max_tokens=t.max_tokens_per_micro_batch, dp_group=st.dp_group,
+                                 share_prefix=False, multiple=multiple, device=st.device)
+        return [mb.to(st.device) for mb in mbs]
+
+    def _lr(self) -> float:
+        from megaent.trainer.mcore_engine import lr_at
+
+        o = self.cfg.optimizer
+        return lr_at(self.engine.step_count, lr=o.lr, warmup_steps=o.warmup_steps, schedule=o.schedule,
+                     min_lr_ratio=o.min_lr_ratio, total_steps=self.total_updates)
+
     def update(self, step: int, mine: list[TrainSample]) -> dict[str, float]:
         """Old log-probs + batch metrics, then ppo_epochs x mini-batch updates; returns step metrics."""
         from megaent.trainer.update import batch_metrics, compute_logprobs, logprobs_by_uid, train_mini_batch
 
         cfg, st, t = self.cfg, self.state, self.cfg.trainer
         temp = cfg.rollout.temperature
-        mbs = make_micro_batches(mine, max_tokens=t.max_tokens_per_micro_batch, dp_group=st.dp_group,
-                                 share_prefix=t.share_prompt_prefix)
+        mbs = self._micro_batches(mine)
         n_mini = t.prompts_per_step // t.mini_batch_size
         update_stats: list[dict[str, float]] = []
         # One PPO update per rollout: the training forward's detached log-probs are the old ones (no extra pass).
         on_policy = t.ppo_epochs == 1 and n_mini == 1 and cfg.algorithm.policy_loss == "ppo"
         if on_policy:
             gen = torch.Generator().manual_seed(components.derive_seed(t.seed, step, 0, 0))
-            update_stats.append(train_mini_batch(self.policy, self.optimizer, mbs, loss_cfg=cfg.algorithm, state=st,
-                                                 generator=gen, temperature=temp, old_from_current=True))
+            update_stats.append(train_mini_batch(self.engine, mbs, loss_cfg=cfg.algorithm, state=st, generator=gen,
+                                                 temperature=temp, old_from_current=True, lr=self._lr()))
             old = logprobs_by_uid(mbs, samples=mine)
         else:
-            old = compute_logprobs(self.policy, mbs, state=st, temperature=temp, fill_old=True, samples=mine)
-        before = batch_metrics(mbs, state=st, policy_loss=cfg.algorithm.policy_loss)
+            old = compute_logprobs(self.engine, mbs, state=st, temperature=temp, fill_old=True, samples=mine)
+        before = batch_metrics(mbs, state=st)
         metrics = dict(before)
         metrics.update(self._consistency(old))
         for epoch in range(0 if on_policy else t.ppo_epochs):
             for k in range(n_mini):
                 chunk = self._mini_batch(mine, k, n_mini)
-                mb = make_micro_batches(chunk, max_tokens=t.max_tokens_per_micro_batch, dp_group=st.dp_group,
-                                        share_prefix=t.share_prompt_prefix)
+                mb = self._micro_batches(chunk)
                 gen = torch.Generator().manual_seed(components.derive_seed(t.seed, step, epoch, k))
-                update_stats.append(train_mini_batch(self.policy, self.optimizer, mb, loss_cfg=cfg.algorithm,
-                                                     state=st, generator=gen, temperature=temp))
+                update_stats.append(train_mini_batch(self.engine, mb, loss_cfg=cfg.algorithm, state=st,
+                                                     generator=gen, temperature=temp, lr=self._lr()))
         for key in update_stats[0] if update_stats else []:
             vals = [u[key] for u in update_stats if u.get(key) is not None]
             if vals:
@@ -236,18 +235,19 @@ class Trainer:
             metrics["lr"] = update_stats[-1]["lr"]
             metrics["optimizer/updates"] = float(len(update_stats))
         if t.dynamics_every and step % t.dynamics_every == 0:
-            compute_logprobs(self.policy, mbs, state=st, temperature=temp, fill_old=False, samples=mine)
-            after = batch_metrics(mbs, state=st, policy_loss=cfg.algorithm.policy_loss, use_current=True)
+            compute_logprobs(self.engine, mbs, state=st, temperature=temp, fill_old=False, samples=mine)
+            after = batch_metrics(mbs, state=st)
             metrics.update(self.dynamics.observe(before, after, lr=metrics.get("lr", cfg.optimizer.lr)))
         return metrics
 
     def _consistency(self, old: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
         """|trainer log-prob - rollout log-prob| on the same tokens, over all DP ranks (near 0 when embedded)."""
-        diffs = [(lp - torch.tensor(self._rollout_lps[uid], dtype=torch.float32)).abs()
+        dev = self.state.device
+        diffs = [(lp - torch.tensor(self._rollout_lps[uid], dtype=torch.float32, device=dev)).abs()
                  for uid, (lp, _) in old.items() if uid in self._rollout_lps]
-        d = torch.cat(diffs) if diffs else torch.zeros(0)
-        sums = torch.stack([d.sum(), torch.tensor(float(d.numel()))])
-        peak = d.max() if d.numel() else torch.zeros(())
+        d = torch.cat(diffs) if diffs else torch.zeros(0, device=dev)
+        sums = torch.stack([d.sum(), torch.tensor(float(d.numel()), device=dev)])
+        peak = d.max() if d.numel() else torch.zeros((), device=dev)
         if self.state.dp > 1:
             dist.all_reduce(sums, group=self.state.dp_group)
             dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=self.state.dp_group)
@@ -267,13 +267,13 @@ class Trainer:
         return {"tp": self.state.tp, "pp": self.state.pp, "dp": self.state.dp}
 
     def _meta(self) -> dict[str, Any]:
-        return {"data": self.prompts.state_dict(), "optimizer_steps": self.optimizer.step_count,
+        return {"data": self.prompts.state_dict(), "optimizer_steps": self.engine.step_count,
                 "config": to_yaml(self.cfg),
                 "layout": self._layout(),
                 "hf_dir": str(self.hf_dir), "dynamics": self.dynamics.state_dict()}
 
     def save(self, step: int) -> None:
-        tensors = canonical_state(self.policy, self.optimizer, self.state, loading=False)
+        tensors = canonical_state(self.policy, self.engine, self.state, loading=False)
         save_checkpoint(self.run_dir, step, tensors, self._meta(), rank=self.state.rank,
                         keep_last=self.cfg.trainer.keep_last)
 
@@ -281,11 +281,11 @@ class Trainer:
         """Resume from the latest complete checkpoint of the run directory; returns its step (0 = fresh)."""
         if latest_checkpoint(self.run_dir) is None:
             return 0
-        tensors = canonical_state(self.policy, self.optimizer, self.state, loading=True)
+        tensors = canonical_state(self.policy, self.engine, self.state, loading=True)
         # The newest intact checkpoint (digests checked; a damaged one falls back with a warning).
         path, meta = load_latest(self.run_dir, tensors, rank=self.state.rank, layout=self._layout(),
                                  verify_digests=self.cfg.trainer.verify_checkpoints)
-        finish_load(self.policy, self.optimizer, step=int(meta["optimizer_steps"]))
+        finish_load(self.policy, self.engine, tensors, step=int(meta["optimizer_steps"]))
         self.prompts.load_state_dict(meta["data"])
         self.dynamics.load_state_dict(meta.get("dynamics", {}))
         step = int(meta["step"])
