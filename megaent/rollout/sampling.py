@@ -7,8 +7,12 @@ Pure tensor ops, no process group, no Python loop over rows:
   top-p (SGLang's torch fallback order and rule: top-k on the sorted probs, then
   drop tokens whose exclusive cumulative probability exceeds top_p;
   python/sglang/srt/layers/sampler.py `top_k_top_p_min_p_sampling_from_probs_torch`).
+  Optional `min_p` then also drops tokens whose probability is below min_p
+  times the row's largest (SGLang's rule, same function; HF's `MinPLogitsWarper`
+  computes the same set), on softmax(logits / T), i.e. after temperature.
   It returns the fp32 log-prob of the drawn token under the UNtruncated
   log softmax(logits / T) (see `megaent.rollout.types` for why).
+  Logit penalties and `logit_bias` are applied before, by `megaent.rollout.penalties`.
 - `row_keys` / `counter_uniform` give every row its own reproducible stream of
   uniforms: u[b, t] = splitmix64(key_b + t * gamma), the key hashed from (seed,
   prompt index, sample index). Unlike one `torch.Generator` drawing for the whole
@@ -98,6 +102,7 @@ def sample_next(
     need_truncation: Optional[bool] = None,
     any_greedy: Optional[bool] = None,
     unit_temperature: Optional[bool] = None,
+    min_p: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row.
 
@@ -106,8 +111,9 @@ def sample_next(
     [0, 1) -> (tokens [B] int64, logprobs [B] fp32), logprobs = log softmax(logits /
     T) at the token over the full vocabulary (T = 1 for greedy rows). No
     collectives. Ties at a row's top-k / top-p cut-off are all kept. Host bools the caller already knows skip
-    device checks: `need_truncation` (any row uses top-p / top-k), `any_greedy` (any temperature 0),
-    `unit_temperature` (every row samples at T = 1, so the logits need no scaling).
+    device checks: `need_truncation` (any row uses top-p / top-k / min-p), `any_greedy` (any temperature 0),
+    `unit_temperature` (every row samples at T = 1, so the logits need no scaling). min_p [B] fp32 in [0, 1]
+    (0 = off; None = off for every row).
     """
     logits = logits.float()
     greedy = temperature <= 0
@@ -119,7 +125,8 @@ def sample_next(
         t = torch.where(greedy, torch.ones_like(temperature), temperature)
         scaled = logits / t.unsqueeze(-1)
     if need_truncation is None:
-        need_truncation = bool(((top_p < 1.0) | (top_k > 0)).any())
+        cut = (top_p < 1.0) | (top_k > 0)
+        need_truncation = bool((cut if min_p is None else cut | (min_p > 0)).any())
     if any_greedy is None:
         any_greedy = bool(greedy.any())
     if not need_truncation:
@@ -143,7 +150,11 @@ def sample_next(
         lp_sorted, _ = torch.sort(logp, dim=-1, descending=True)
     kept = (_truncate_sorted(lp_sorted.exp(), top_p, top_k) > 0).sum(-1, keepdim=True)  # [B, 1] >= 1
     cutoff = lp_sorted.gather(-1, kept - 1)  # [B, 1]
-    probs = logp.exp() * (logp >= cutoff)
+    keep = logp >= cutoff
+    if min_p is not None:
+        # p >= min_p * p_max in log space (log 0 = -inf keeps all); the row's top token always survives.
+        keep &= logp >= lp_sorted[:, :1] + torch.log(min_p).unsqueeze(-1)
+    probs = logp.exp() * keep
     tokens = _inverse_cdf(probs, uniform)
     if any_greedy:
         tokens = torch.where(greedy, logits.argmax(dim=-1), tokens)
