@@ -81,9 +81,8 @@ def test_rope_inverse_frequencies_match_transformers(rope):
 
 
 @pytest.mark.parametrize("patch,key", [
-    ({"model_type": "mistral"}, "model_type"),
-    ({"use_sliding_window": True}, "use_sliding_window"),
-    ({"layer_types": ["sliding_attention"] * 4}, "layer_types"),
+    ({"model_type": "gemma"}, "model_type"),
+    ({"layer_types": ["chunked_attention"] * 4}, "layer_types"),
     ({"num_experts": 8}, "num_experts"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope_type='yarn'"),

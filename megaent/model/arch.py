@@ -1,18 +1,23 @@
 """`ModelArch`: the decoder shape megaent builds, read from a HuggingFace `config.json`.
 
-Supports the dense Qwen2 and Llama families (`model_type` "qwen2" / "llama"):
-RMSNorm, RoPE, grouped-query attention with optional QKV bias, SwiGLU MLP,
-tied or untied embeddings. Both spellings of `config.json` are read:
+The dense families are one table, `FAMILIES` (model_type -> `Family`): RMSNorm, RoPE, grouped-query
+attention, SwiGLU MLP, tied or untied embeddings everywhere; a family differs only in
+- QKV bias: always (qwen2), never (mistral) or config.json's `attention_bias` (llama, qwen3);
+- per-head RMSNorm on q and k before RoPE (qwen3: `self_attn.q_norm` / `k_norm`);
+- where a sliding attention window is read: `sliding_window` itself (mistral, null = none), or
+  `sliding_window` only when `use_sliding_window` / `layer_types` ask for it (qwen2, qwen3).
 
-- older checkpoints: top-level `rope_theta`, `rope_scaling` (with `type` or
-  `rope_type`), `torch_dtype`;
-- transformers 5: a `rope_parameters` dict holding `rope_theta` and
-  `rope_type` plus scaling keys, and `dtype`.
+Sliding windows: megaent attends over the full causal context. That equals sliding-window attention of
+width W exactly while no sequence is longer than W tokens, so a window is accepted and recorded
+(`ModelArch.sliding_window`), and `check_sequence_length` refuses longer sequences with a `ConfigError`
+naming the fix (the forwards call it).
 
-Anything megaent does not implement (sliding-window attention, MoE, other
-activations, other RoPE types) raises a `ValueError` that names the
-`config.json` key, the value, and what is supported, instead of silently
-producing a different model.
+Both spellings of `config.json` are read:
+- older checkpoints: top-level `rope_theta`, `rope_scaling` (with `type` or `rope_type`), `torch_dtype`;
+- transformers 5: a `rope_parameters` dict holding `rope_theta` and `rope_type` plus scaling keys, and `dtype`.
+
+Anything megaent does not implement (MoE, other activations, other RoPE types) raises a `ValueError` that
+names the `config.json` key, the value, and what is supported, instead of silently producing a different model.
 """
 from __future__ import annotations
 
@@ -21,7 +26,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+
+
+@dataclass(frozen=True)
+class Family:
+    """What one `model_type` changes in the shared decoder."""
+
+    hf_class: str
+    """`architectures` entry of an exported config.json."""
+    qkv_bias: Optional[bool]
+    """Fixed QKV bias, or None: read config.json `attention_bias` (default false)."""
+    qk_norm: bool = False
+    """Per-head RMSNorm of q and k (weights [D]) before RoPE."""
+    window_always: bool = False
+    """True: config.json `sliding_window` applies whenever set (Mistral); False: only with
+    `use_sliding_window` or `sliding_attention` layer types (Qwen2/Qwen3)."""
+
+
+FAMILIES: dict[str, Family] = {
+    "qwen2": Family("Qwen2ForCausalLM", qkv_bias=True),
+    "llama": Family("LlamaForCausalLM", qkv_bias=None),
+    "qwen3": Family("Qwen3ForCausalLM", qkv_bias=None, qk_norm=True),
+    "mistral": Family("MistralForCausalLM", qkv_bias=False, window_always=True),
+}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size", "num_experts_per_tok")
 _ROPE_KEYS = {  # scaling keys kept per rope type (everything else in the dict is dropped)
@@ -33,7 +61,7 @@ _ROPE_KEYS = {  # scaling keys kept per rope type (everything else in the dict i
 
 @dataclass
 class ModelArch:
-    """Shape and numerics of a Qwen2/Llama decoder (what `config.json` says, normalised)."""
+    """Shape and numerics of a dense decoder of one of `FAMILIES` (what `config.json` says, normalised)."""
 
     model_type: str
     vocab_size: int
@@ -50,6 +78,10 @@ class ModelArch:
     rope_scaling: dict[str, float] = field(default_factory=dict)
     """Scaling keys of `rope_type` only (factor, low/high_freq_factor, original_max_position_embeddings)."""
     qkv_bias: bool = False
+    qk_norm: bool = False
+    """Per-head RMSNorm on q and k before RoPE (Qwen3)."""
+    sliding_window: Optional[int] = None
+    """Attention window W of the checkpoint, None = full causal; megaent runs sequences of <= W tokens only."""
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 4096
     dtype: Optional[str] = None
@@ -65,6 +97,23 @@ class ModelArch:
     def kv_size(self) -> int:
         return self.num_key_value_heads * self.head_dim
 
+    def local_kv_heads(self, tp: int) -> int:
+        """KV heads one TP rank attends with: KV / tp, or 1 when tp > KV (each rank works for one KV head,
+        its k/v weight rows being a 1/(tp/KV) slice of that head; see `megaent.model.layers.SelfAttention`)."""
+        return max(1, self.num_key_value_heads // tp)
+
+    def check_sequence_length(self, length: int) -> None:
+        """Raise ConfigError when a sequence of `length` tokens would need the checkpoint's sliding window."""
+        w = self.sliding_window
+        if w is not None and length > w:
+            from megaent.config.errors import ConfigError
+
+            raise ConfigError(
+                f"config.json sliding_window={w}: a sequence of {length} tokens exceeds it, and megaent attends over "
+                f"the full causal context, which equals the checkpoint's sliding-window attention only up to {w} "
+                f"tokens; keep prompt + response <= {w} (rollout.max_new_tokens and the prompt length), or use a "
+                f"checkpoint trained without the window (sliding_window null, e.g. Mistral v0.2 and later)")
+
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelArch":
         """Parse a config.json dict (either spelling); raise ValueError on anything unsupported."""
@@ -77,14 +126,16 @@ class ModelArch:
             raise ValueError(f"config.json num_attention_heads={heads} is not a multiple of num_key_value_heads="
                              f"{kv_heads}; grouped-query attention needs whole groups")
         theta, rope_type, scaling = _parse_rope(cfg)
-        qkv_bias = True if model_type == "qwen2" else bool(cfg.get("attention_bias", False))
+        fam = FAMILIES[model_type]
+        qkv_bias = fam.qkv_bias if fam.qkv_bias is not None else bool(cfg.get("attention_bias", False))
         dtype = cfg.get("dtype") or cfg.get("torch_dtype")
         return cls(
             model_type=model_type, vocab_size=_req(cfg, "vocab_size"), hidden_size=hidden,
             intermediate_size=_req(cfg, "intermediate_size"), num_hidden_layers=_req(cfg, "num_hidden_layers"),
             num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_type=rope_type,
-            rope_scaling=scaling, qkv_bias=qkv_bias, tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            rope_scaling=scaling, qkv_bias=qkv_bias, qk_norm=fam.qk_norm, sliding_window=_sliding_window(cfg, fam),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             dtype=str(dtype) if dtype is not None else None, hf_config=dict(cfg),
         )
@@ -102,11 +153,13 @@ class ModelArch:
         if self.num_attention_heads % tp != 0:
             raise ValueError(f"parallel.tp={tp} does not divide num_attention_heads={self.num_attention_heads}; "
                              f"choose a tp that divides it")
-        if self.num_key_value_heads % tp != 0:
-            # Replicating KV heads would need an extra gradient reduction over the replicas; not implemented.
-            raise ValueError(f"parallel.tp={tp} does not divide num_key_value_heads={self.num_key_value_heads}; "
-                             f"megaent splits KV heads over TP without replication: use tp <= "
-                             f"{self.num_key_value_heads} that divides it")
+        kv = self.num_key_value_heads
+        if kv % tp != 0 and (tp % kv != 0 or self.head_dim % (tp // kv) != 0):
+            # tp > KV: each KV head's rows are split over tp / KV ranks, which gather them back (megatron-core's
+            # scheme for tp > num_query_groups), so tp must be a multiple of KV that also splits head_dim.
+            raise ValueError(f"parallel.tp={tp} does not divide num_key_value_heads={kv}, nor is it a multiple of "
+                             f"it that splits head_dim={self.head_dim}; use a tp that divides {kv} or a multiple "
+                             f"of {kv} dividing {kv * self.head_dim}")
         if self.intermediate_size % tp != 0:
             raise ValueError(f"parallel.tp={tp} does not divide intermediate_size={self.intermediate_size}")
         stage_layer_ranges(self.num_hidden_layers, pp, pipeline_layers)
@@ -118,7 +171,7 @@ class ModelArch:
             if dtype is not None:
                 cfg["torch_dtype" if "torch_dtype" in cfg and "dtype" not in cfg else "dtype"] = dtype
             return cfg
-        arch_name = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}[self.model_type]
+        arch_name = FAMILIES[self.model_type].hf_class
         cfg: dict[str, Any] = {
             "architectures": [arch_name], "model_type": self.model_type, "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
@@ -128,8 +181,12 @@ class ModelArch:
             "tie_word_embeddings": self.tie_word_embeddings,
             "rope_parameters": {"rope_type": self.rope_type, "rope_theta": self.rope_theta, **self.rope_scaling},
         }
-        if self.model_type == "llama":
+        if FAMILIES[self.model_type].qkv_bias is None:
             cfg["attention_bias"] = self.qkv_bias
+        if self.sliding_window is not None:
+            cfg["sliding_window"] = self.sliding_window
+            if not FAMILIES[self.model_type].window_always:
+                cfg["use_sliding_window"] = True
         if dtype or self.dtype:
             cfg["dtype"] = dtype or self.dtype
         return cfg
@@ -146,12 +203,10 @@ def _reject_unsupported(cfg: dict[str, Any]) -> None:
     if mt not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"config.json model_type={mt!r} is not supported; megaent supports "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)} (dense decoders)")
-    if cfg.get("use_sliding_window"):
-        raise ValueError("config.json use_sliding_window=true is not supported; megaent implements full causal "
-                         "attention only (set use_sliding_window to false if the model was trained without it)")
-    bad_layers = sorted({t for t in cfg.get("layer_types") or [] if t != "full_attention"})
+    bad_layers = sorted({t for t in cfg.get("layer_types") or [] if t not in ("full_attention", "sliding_attention")})
     if bad_layers:
-        raise ValueError(f"config.json layer_types contains {bad_layers}; megaent supports 'full_attention' only")
+        raise ValueError(f"config.json layer_types contains {bad_layers}; megaent supports 'full_attention' and "
+                         f"'sliding_attention' (up to the window) only")
     for key in _MOE_KEYS:
         if cfg.get(key):
             raise ValueError(f"config.json {key}={cfg[key]!r}: mixture-of-experts models are not supported; "
@@ -165,6 +220,15 @@ def _reject_unsupported(cfg: dict[str, Any]) -> None:
         val = cfg.get(key, (cfg.get("rope_parameters") or {}).get(key, 1.0))
         if val not in (None, 1.0, 1):
             raise ValueError(f"config.json {key}={val!r} is not supported; megaent rotates the whole head (1.0)")
+
+
+def _sliding_window(cfg: dict[str, Any], fam: Family) -> Optional[int]:
+    """The attention window that applies to this checkpoint (see the module docstring), None = none."""
+    w = cfg.get("sliding_window")
+    used = fam.window_always or bool(cfg.get("use_sliding_window")) or \
+        "sliding_attention" in (cfg.get("layer_types") or [])
+    # Qwen2/3 apply the window from layer max_window_layers on only; refusing sequences > W covers every layer.
+    return None if not used or w is None else int(w)
 
 
 def _parse_rope(cfg: dict[str, Any]) -> tuple[float, str, dict[str, float]]:

@@ -1,6 +1,6 @@
 """Preallocated key/value cache for incremental decoding on one pipeline stage.
 
-Holds K and V for this rank's layers and local KV heads only (KVl = KV heads / TP),
+Holds K and V for this rank's layers and local KV heads only (KVl = KV heads / TP, 1 when TP > KV heads),
 each [B, KVl, max_len, D]. `Policy.forward(..., kv_cache=cache)` writes the new
 tokens at positions [length, length + S) of every layer and then advances
 `length` by S once all local layers have run. Inference only: writes are
@@ -13,12 +13,21 @@ only real tokens (e.g. `mask.cumsum(-1) - 1`); see `Policy.forward`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import Any, Optional, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from megaent.model.policy import Policy
+from megaent.model.arch import ModelArch
+
+
+class DecoderStage(Protocol):
+    """What a cache is sized from: a `megaent.model.policy.Policy` stage (named here, not imported, so this
+    module stays below both `layers` and `policy`, which import `KVCache`)."""
+
+    arch: ModelArch
+    state: Any  # megaent.parallel.ParallelState (tp, device)
+    layers: Any  # this stage's decoder layers (len = local layer count)
+    dtype: torch.dtype
 
 
 @dataclass
@@ -61,10 +70,11 @@ class KVCache:
         self.values = [v.index_select(0, batch_index) for v in self.values]
 
 
-def new_kv_cache(policy: "Policy", batch_size: int, max_len: int, dtype: Optional[torch.dtype] = None) -> KVCache:
+def new_kv_cache(policy: DecoderStage, batch_size: int, max_len: int, dtype: Optional[torch.dtype] = None
+                 ) -> KVCache:
     """An empty cache for the local stage of `policy`: one [B, KVl, max_len, D] K and V per local layer."""
     dtype = dtype or policy.dtype
-    kvl = policy.arch.num_key_value_heads // policy.state.tp
+    kvl = policy.arch.local_kv_heads(policy.state.tp)
     shape = (batch_size, kvl, max_len, policy.arch.head_dim)
     n = len(policy.layers)
     device = policy.state.device

@@ -130,6 +130,8 @@ def gpt_config(arch: ModelArch, *, tp: int, pp: int, dtype: torch.dtype = torch.
         kv_channels=arch.head_dim, ffn_hidden_size=arch.intermediate_size,
         normalization="RMSNorm", layernorm_epsilon=arch.rms_norm_eps, gated_linear_unit=True,
         activation_func=F.silu, add_bias_linear=False, add_qkv_bias=arch.qkv_bias,
+        # q/k RMSNorm (Qwen3); finalize_model_grads then sums their weight gradients over TP (each rank's heads)
+        qk_layernorm=arch.qk_norm,
         hidden_dropout=0.0, attention_dropout=0.0, attention_softmax_in_fp32=True,
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
         apply_rope_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
@@ -158,11 +160,13 @@ def layer_spec(arch: ModelArch, config: Any, *, backend: str = "local", pp_rank:
     if backend == "te":
         from megatron.core.extensions.transformer_engine import TENorm
 
-        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
         return TransformerBlockSubmodules(layer_specs=[spec] * n, layer_norm=TENorm)
-    spec = copy.deepcopy(get_gpt_layer_local_spec(qk_layernorm=False, normalization="RMSNorm"))
+    spec = copy.deepcopy(get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm"))
     sub = spec.submodules
     sub.input_layernorm = sub.pre_mlp_layernorm = RMSNorm
+    if arch.qk_norm:  # per head, over D; megatron builds them with hidden_size = head_dim
+        sub.self_attention.submodules.q_layernorm = sub.self_attention.submodules.k_layernorm = RMSNorm
     sub.self_attention.submodules.core_attention = ModuleSpec(module=PackedCoreAttention)
     return TransformerBlockSubmodules(layer_specs=[spec] * n, layer_norm=RMSNorm)
 

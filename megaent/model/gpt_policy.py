@@ -14,6 +14,14 @@ Parameter layouts (megatron-core's, which the embedded rollout engine reads as w
   order, TP = contiguous chunks of groups; megaent's table holds [q | k | v] of the rank's heads,
   `qkv_to_mcore` / `qkv_from_mcore` convert.
 - `linear_fc1` = [gate shard; up shard], the same as megaent's `gate_up`.
+- TP wider than the KV heads (tp = m * KV): megatron-core keeps the fused QKV in that per-group layout and
+  gives rank r the r-th contiguous chunk of the whole matrix (a chunk can hold q rows of one group, or k and v
+  of it); its attention all-gathers the QKV activations over TP and picks the rank's group and query heads
+  (`Attention.get_query_key_value_tensors`), and the all-gather's backward reduce-scatter sums each chunk's
+  gradient. megaent's table view of rank r stays the plain TP split of q, k and v (k/v rows of one KV head
+  cut in m pieces), so the two layouts differ across ranks: `_to_mcore` / `_from_mcore` of the QKV weight
+  and bias are then collective (one all-gather on tp_group each) and every TP rank must call them in order.
+- Qwen3's q/k RMSNorm weights are megatron-core's `q_layernorm` / `k_layernorm` (replicated, [D]).
 """
 from __future__ import annotations
 
@@ -31,6 +39,8 @@ _LAYER_NAMES = {  # megaent table name (after "layers.{i}.") -> GPTModel name (a
     "input_norm.weight": "input_layernorm.weight",
     "attn.qkv.weight": "self_attention.linear_qkv.weight",
     "attn.qkv.bias": "self_attention.linear_qkv.bias",
+    "attn.q_norm.weight": "self_attention.q_layernorm.weight",
+    "attn.k_norm.weight": "self_attention.k_layernorm.weight",
     "attn.proj.weight": "self_attention.linear_proj.weight",
     "post_norm.weight": "pre_mlp_layernorm.weight",
     "mlp.gate_up.weight": "mlp.linear_fc1.weight",
@@ -88,6 +98,7 @@ class GPTPolicy(torch.nn.Module):
         self.to(state.device)
         self._qkv = dict(groups=arch.num_key_value_heads // state.tp,
                          q_per_group=arch.num_attention_heads // arch.num_key_value_heads, head_dim=arch.head_dim)
+        self._kv_split = state.tp > arch.num_key_value_heads  # megatron-core's all-gathered QKV (docstring)
 
     # ---- names ----------------------------------------------------------------------------------------------
     def param_specs(self) -> list[ParamSpec]:
@@ -108,10 +119,47 @@ class GPTPolicy(torch.nn.Module):
         return f"model.decoder.layers.{self.layer_ids.index(int(m.group(1)))}.{tail}"
 
     def _to_mcore(self, name: str, local: torch.Tensor) -> torch.Tensor:
-        return qkv_to_mcore(local, **self._qkv) if ".attn.qkv." in name else local
+        """megaent table shard -> GPTModel shard (collective for the QKV when tp > KV heads, see above)."""
+        if ".attn.qkv." not in name:
+            return local
+        if not self._kv_split:
+            return qkv_to_mcore(local, **self._qkv)
+        full = qkv_to_mcore(self._qkv_table_full(local), **self._kv_full)  # [(N + 2 KV) D, ...] mcore order
+        return full.chunk(self.state.tp)[self.state.tp_rank].clone()
 
     def _from_mcore(self, name: str, param: torch.Tensor) -> torch.Tensor:
-        return qkv_from_mcore(param, **self._qkv) if ".attn.qkv." in name else param
+        """GPTModel shard -> megaent table shard (a copy for the QKV; collective when tp > KV heads)."""
+        if ".attn.qkv." not in name:
+            return param
+        if not self._kv_split:
+            return qkv_from_mcore(param, **self._qkv)
+        full = qkv_from_mcore(self._tp_all_gather(param), **self._kv_full)  # [q | k | v] of all heads
+        a = self.arch
+        q, k, v = full.split([a.q_size, a.kv_size, a.kv_size])
+        r, tp = self.state.tp_rank, self.state.tp
+        return torch.cat([x.chunk(tp)[r] for x in (q, k, v)])
+
+    @property
+    def _kv_full(self) -> dict[str, int]:
+        a = self.arch
+        return dict(groups=a.num_key_value_heads, q_per_group=a.num_attention_heads // a.num_key_value_heads,
+                    head_dim=a.head_dim)
+
+    def _qkv_table_full(self, local: torch.Tensor) -> torch.Tensor:
+        """This rank's [q_r | k_r | v_r] table shard -> the full [q | k | v] (one all-gather on tp_group)."""
+        a, tp = self.arch, self.state.tp
+        shards = self._tp_all_gather(local).chunk(tp)
+        parts = [s.split([a.q_size // tp, a.kv_size // tp, a.kv_size // tp]) for s in shards]
+        return torch.cat([torch.cat([p[j] for p in parts]) for j in range(3)])
+
+    def _tp_all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Shards [R, ...] of every TP rank, concatenated in rank order along dim 0 (no autograd)."""
+        import torch.distributed as dist
+
+        t = t.detach().contiguous()
+        out = [torch.empty_like(t) for _ in range(self.state.tp)]
+        dist.all_gather(out, t, group=self.state.tp_group)
+        return torch.cat(out)
 
     @torch.no_grad()
     def fill_(self, read: Callable[[Part], torch.Tensor]) -> None:
@@ -130,7 +178,8 @@ class GPTPolicy(torch.nn.Module):
             param.copy_(local)
 
     def megaent_params(self) -> dict[str, torch.Tensor]:
-        """{megaent table name: this rank's shard in the table's local layout} (views where the layouts agree)."""
+        """{megaent table name: this rank's shard in the table's local layout} (views where the layouts agree).
+        Collective when tp > KV heads (one all-gather on tp_group per layer's QKV): call it on every TP rank."""
         params = dict(self.named_parameters())
         return {s.name: self._from_mcore(s.name, params[self.mcore_name(s.name)]) for s in self.param_specs()}
 
@@ -158,10 +207,29 @@ class GPTPolicy(torch.nn.Module):
         needed: RoPE follows the sequence, or each packed segment (THD `packed_seq_params`).
         Collectives: megatron-core's (2 all-reduces or SP all-gather/reduce-scatter pairs per layer on TP)."""
         del position_ids
+        self._check_window(input_ids, hidden_states, packed_seq_params)
         if hidden_states is not None:
             self.model.set_input_tensor(hidden_states)
         out = self.model(input_ids, None, attention_mask, packed_seq_params=packed_seq_params)
         return self.mask_padded_vocab(out) if self.state.is_last_stage else out
+
+    def _check_window(self, input_ids: Optional[torch.Tensor], hidden_states: Optional[torch.Tensor],
+                      packed_seq_params: Any) -> None:
+        """Refuse sequences longer than the checkpoint's sliding window (`ModelArch.check_sequence_length`)."""
+        if self.arch.sliding_window is None:
+            return
+        if packed_seq_params is not None:
+            n = packed_seq_params.max_seqlen_q
+            if n is None:
+                cu = packed_seq_params.cu_seqlens_q
+                n = int((cu[1:] - cu[:-1]).max())
+        elif input_ids is not None:
+            n = input_ids.shape[1]
+        elif hidden_states is not None:
+            n = hidden_states.shape[0] * (self.state.tp if self.config.sequence_parallel else 1)
+        else:
+            return  # the schedule's input tensor: the first stage checked the token ids
+        self.arch.check_sequence_length(int(n))
 
     def final_hidden(self, input_ids: Optional[torch.Tensor] = None, *, hidden_states: Optional[torch.Tensor] = None,
                      packed_seq_params: Any = None, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -172,6 +240,7 @@ class GPTPolicy(torch.nn.Module):
         if not self.state.is_last_stage:
             return self(input_ids, hidden_states=hidden_states, packed_seq_params=packed_seq_params,
                         attention_mask=attention_mask)
+        self._check_window(input_ids, hidden_states, packed_seq_params)
         if hidden_states is not None:
             self.model.set_input_tensor(hidden_states)
         self.model.post_process = False  # GPTModel returns the decoder's (final-normed) output before the head

@@ -48,7 +48,7 @@ def padded_vocab_size(vocab_size: int, tp: int, *, multiple: int = 1) -> int:
 
 
 def _layer_parts(arch: ModelArch, l: int) -> dict[str, list[tuple[str, str, tuple[int, ...]]]]:
-    h, q, kv, i = arch.hidden_size, arch.q_size, arch.kv_size, arch.intermediate_size
+    h, q, kv, i, d = arch.hidden_size, arch.q_size, arch.kv_size, arch.intermediate_size, arch.head_dim
     p = f"model.layers.{l}."
     table = {
         f"layers.{l}.input_norm.weight": [(p + "input_layernorm.weight", "replicated", (h,))],
@@ -58,6 +58,8 @@ def _layer_parts(arch: ModelArch, l: int) -> dict[str, list[tuple[str, str, tupl
         f"layers.{l}.attn.qkv.bias": [(p + "self_attn.q_proj.bias", "column", (q,)),
                                       (p + "self_attn.k_proj.bias", "column", (kv,)),
                                       (p + "self_attn.v_proj.bias", "column", (kv,))],
+        f"layers.{l}.attn.q_norm.weight": [(p + "self_attn.q_norm.weight", "replicated", (d,))],
+        f"layers.{l}.attn.k_norm.weight": [(p + "self_attn.k_norm.weight", "replicated", (d,))],
         f"layers.{l}.attn.proj.weight": [(p + "self_attn.o_proj.weight", "row", (h, q))],
         f"layers.{l}.post_norm.weight": [(p + "post_attention_layernorm.weight", "replicated", (h,))],
         f"layers.{l}.mlp.gate_up.weight": [(p + "mlp.gate_proj.weight", "column", (i, h)),
@@ -66,6 +68,8 @@ def _layer_parts(arch: ModelArch, l: int) -> dict[str, list[tuple[str, str, tupl
     }
     if not arch.qkv_bias:
         del table[f"layers.{l}.attn.qkv.bias"]
+    if not arch.qk_norm:
+        del table[f"layers.{l}.attn.q_norm.weight"], table[f"layers.{l}.attn.k_norm.weight"]
     return table
 
 

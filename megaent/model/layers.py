@@ -1,4 +1,4 @@
-"""One Qwen2/Llama decoder layer on megatron-core tensor-parallel linears.
+"""One decoder layer (the dense families of `megaent.model.arch`) on megatron-core tensor-parallel linears.
 
 Pre-norm residual block: x + Attn(RMSNorm(x)), then h + MLP(RMSNorm(h)).
 TP split (Megatron-LM, Shoeybi et al. 2019): the fused QKV and gate/up
@@ -351,13 +351,28 @@ def _recorded_segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
 
 class SelfAttention(torch.nn.Module):
-    """Grouped-query causal self-attention over this rank's Nl = N/TP query and KVl = KV/TP key/value heads."""
+    """Grouped-query causal self-attention over this rank's Nl = N/TP query and KVl = KV/TP key/value heads.
+
+    Qwen3 (`arch.qk_norm`): q and k pass a per-head RMSNorm over D before RoPE; the norm weights are replicated,
+    so at TP > 1 each rank's gradient of them is the part from its own heads (their sum over tp_group is the
+    full one, as megatron-core's finalize_model_grads sums its q/k layernorm gradients).
+
+    TP wider than the KV heads (tp = m * KV): rank r holds its N/TP query heads and a 1/m slice of the rows of
+    KV head g = r // m (the plain TP split of k_proj / v_proj, `megaent.model.hf_names`); one all-gather of
+    the k/v activations on tp_group per layer rebuilds head g (backward: reduce-scatter), so KVl = 1.
+    """
 
     def __init__(self, arch: ModelArch, *, tp_group: dist.ProcessGroup, tp: int, config: ModelParallelConfig):
         super().__init__()
         self.head_dim = arch.head_dim
         self.n_q = arch.num_attention_heads // tp
-        self.n_kv = arch.num_key_value_heads // tp
+        self.n_kv = arch.local_kv_heads(tp)
+        self.kv_split = max(1, tp // arch.num_key_value_heads)  # m: ranks sharing one KV head
+        self.tp_group = tp_group
+        self.kv_group = (dist.get_rank(tp_group) if tp > 1 else 0) // self.kv_split  # g: this rank's KV head
+        if arch.qk_norm:
+            self.q_norm = RMSNorm(arch.head_dim, eps=arch.rms_norm_eps, dtype=config.params_dtype)
+            self.k_norm = RMSNorm(arch.head_dim, eps=arch.rms_norm_eps, dtype=config.params_dtype)
         self.qkv = _ColumnParallelLinear(arch.hidden_size, arch.q_size + 2 * arch.kv_size, config=config,
                                          init_method=_no_init, bias=arch.qkv_bias, gather_output=False,
                                          tp_group=tp_group)
@@ -376,10 +391,15 @@ class SelfAttention(torch.nn.Module):
         b, s, _ = x.shape
         d = self.head_dim
         qkv, _ = self.qkv(x)
-        q, k, v = qkv.split([self.n_q * d, self.n_kv * d, self.n_kv * d], dim=-1)
+        kv_rows = self.n_kv * d // self.kv_split
+        q, k, v = qkv.split([self.n_q * d, kv_rows, kv_rows], dim=-1)
+        if self.kv_split > 1:
+            k, v = self._gather_kv_head(k, v)
         q = q.view(b, s, self.n_q, d).transpose(1, 2)  # [B, Nl, S, D]
         k = k.view(b, s, self.n_kv, d).transpose(1, 2)  # [B, KVl, S, D]
         v = v.view(b, s, self.n_kv, d).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(slot, k, v)
@@ -389,6 +409,17 @@ class SelfAttention(torch.nn.Module):
             out = self.core(q, k, v, mask)
         out, _ = self.proj(out)
         return out
+
+    def _gather_kv_head(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k/v [B, S, D/m] slices of KV head g -> the whole head [B, S, D] each: one all-gather on tp_group
+        (megatron-core's, so the backward reduce-scatters the gradient back to each slice)."""
+        from megatron.core.tensor_parallel.mappings import all_gather_last_dim_from_tensor_parallel_region
+
+        b, s, rows = k.shape
+        m, g = self.kv_split, self.kv_group
+        both = all_gather_last_dim_from_tensor_parallel_region(torch.cat([k, v], dim=-1), group=self.tp_group)
+        head = both.view(b, s, -1, 2, rows)[:, :, g * m:(g + 1) * m]  # [B, S, m, {k, v}, D/m] of head g
+        return head[:, :, :, 0].reshape(b, s, m * rows), head[:, :, :, 1].reshape(b, s, m * rows)
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              mask: "Optional[torch.Tensor | SegmentLayout]") -> torch.Tensor:

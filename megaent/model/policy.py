@@ -1,4 +1,4 @@
-"""`Policy`: the local pipeline stage of a Qwen2/Llama decoder over TP x PP.
+"""`Policy`: the local pipeline stage of a decoder (the dense families of `megaent.model.arch`) over TP x PP.
 
 A rank holds only its stage's decoder layers (global indices, even split by
 default or `pipeline_layers`), plus the vocab-parallel embedding on the first
@@ -162,6 +162,9 @@ class Policy(torch.nn.Module):
         cache_len = kv_cache.length if kv_cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(cache_len, cache_len + s, device=x.device).expand(b, s)
+        if self.arch.sliding_window is not None and cache_len + s > self.arch.sliding_window:
+            # padded or packed rows can be longer than their sequences: the positions count real tokens (1 sync)
+            self.arch.check_sequence_length(int(position_ids.max()) + 1)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
         mask = build_attention_mask(q_len=s, cache_len=cache_len, key_mask=attention_mask, segment_ids=segment_ids,
                                     batch=b, device=x.device, prefix_ids=prefix_ids)

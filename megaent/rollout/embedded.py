@@ -60,6 +60,13 @@ def read_eos_ids(hf_dir: str | Path) -> list[int]:
     return ids
 
 
+def _plain_attention(policy: Any) -> bool:
+    """Whether the decode runner's attention (qkv -> RoPE -> attend over KV/TP local heads) is this model's: not
+    for q/k-normed families (Qwen3) nor TP wider than the KV heads; those decode on the policy's own forward."""
+    arch = getattr(policy, "arch", None)
+    return arch is None or (not arch.qk_norm and policy.state.tp <= arch.num_key_value_heads)
+
+
 @dataclass
 class _Rows:
     """Per-row state of one decode batch (all tensors [B] unless noted)."""
@@ -209,8 +216,8 @@ class EmbeddedEngine:
         """The inference forward bound to the current `self.policy` (None: a layer backend it cannot read)."""
         if self._runner_of is not self.policy:  # once per policy object, not per decode step
             self._runner_of = self.policy
-            self._runner = DecodeRunner(self.policy, prepack=self.prepack) if DecodeRunner.supports(self.policy) \
-                else None
+            self._runner = DecodeRunner(self.policy, prepack=self.prepack) \
+                if DecodeRunner.supports(self.policy) and _plain_attention(self.policy) else None
         return self._runner
 
     def _last_logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: Optional[torch.Tensor],
@@ -234,6 +241,9 @@ class EmbeddedEngine:
 
         device = self.state.device
         b0 = len(chunk)
+        # a sliding-window checkpoint (Mistral v0.1) is exact up to its window only: refuse before decoding
+        if getattr(self.policy, "arch", None) is not None:
+            self.policy.arch.check_sequence_length(max(len(c[3]) + c[4].max_new_tokens for c in chunk))
         p_len = max(len(c[3]) for c in chunk)
         m = max(c[4].max_new_tokens for c in chunk)
         rows, input_ids = self._build_rows(chunk, p_len, m, device)
