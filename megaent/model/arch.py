@@ -41,6 +41,27 @@ class Family:
     window_always: bool = False
     """True: config.json `sliding_window` applies whenever set (Mistral); False: only with
     `use_sliding_window` or `sliding_attention` layer types (Qwen2/Qwen3)."""
+    moe: Optional["MoeNames"] = None
+    """Mixture-of-experts MLP in every layer: how config.json and the tensors name it; None = dense SwiGLU."""
+
+
+@dataclass(frozen=True)
+class MoeNames:
+    """config.json keys and HF tensor names of a family's MoE MLP (router + SwiGLU experts)."""
+
+    experts_keys: tuple[str, ...]
+    """config.json keys of the expert count, the first present wins (Qwen3-MoE's published `num_experts` is
+    written `num_local_experts` by transformers 5)."""
+    size_key: str
+    """config.json key of one expert's intermediate size."""
+    block: str
+    """HF module of the MoE block under `model.layers.{l}.`."""
+    gate: str
+    up: str
+    down: str
+    """HF names of one expert's gate, up and down projections."""
+    renormalize: Optional[bool]
+    """Top-k weights renormalised to sum 1 (Mixtral: always), or None: config.json `norm_topk_prob`."""
 
 
 FAMILIES: dict[str, Family] = {
@@ -48,6 +69,10 @@ FAMILIES: dict[str, Family] = {
     "llama": Family("LlamaForCausalLM", qkv_bias=None),
     "qwen3": Family("Qwen3ForCausalLM", qkv_bias=None, qk_norm=True),
     "mistral": Family("MistralForCausalLM", qkv_bias=False, window_always=True),
+    "qwen3_moe": Family("Qwen3MoeForCausalLM", qkv_bias=None, qk_norm=True, moe=MoeNames(
+        ("num_experts", "num_local_experts"), "moe_intermediate_size", "mlp", "gate_proj", "up_proj", "down_proj", renormalize=None)),
+    "mixtral": Family("MixtralForCausalLM", qkv_bias=False, window_always=True, moe=MoeNames(
+        ("num_local_experts",), "intermediate_size", "block_sparse_moe", "w1", "w3", "w2", renormalize=True)),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -84,6 +109,17 @@ class ModelArch:
     """Attention window W of the checkpoint, None = full causal; megaent runs sequences of <= W tokens only."""
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 4096
+    num_experts: int = 0
+    """Experts per MoE layer (every layer is MoE when > 0); 0 = dense."""
+    experts_per_token: int = 0
+    """Top-k experts each token is routed to."""
+    moe_intermediate_size: int = 0
+    """Intermediate size of one expert's SwiGLU."""
+    moe_renormalize: bool = True
+    """Top-k routing weights renormalised to sum 1 (else the softmax over all experts, as Qwen3 with
+    norm_topk_prob=false)."""
+    router_aux_loss_coef: float = 0.0
+    """The checkpoint's load-balancing loss coefficient (HF `router_aux_loss_coef`; used by training only)."""
     dtype: Optional[str] = None
     """Checkpoint dtype from config.json (`dtype` or `torch_dtype`), e.g. "bfloat16"; None when absent."""
     hf_config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -136,7 +172,7 @@ class ModelArch:
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_type=rope_type,
             rope_scaling=scaling, qkv_bias=qkv_bias, qk_norm=fam.qk_norm, sliding_window=_sliding_window(cfg, fam),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)), **_moe_fields(cfg, fam),
             dtype=str(dtype) if dtype is not None else None, hf_config=dict(cfg),
         )
 
@@ -160,8 +196,9 @@ class ModelArch:
             raise ValueError(f"parallel.tp={tp} does not divide num_key_value_heads={kv}, nor is it a multiple of "
                              f"it that splits head_dim={self.head_dim}; use a tp that divides {kv} or a multiple "
                              f"of {kv} dividing {kv * self.head_dim}")
-        if self.intermediate_size % tp != 0:
-            raise ValueError(f"parallel.tp={tp} does not divide intermediate_size={self.intermediate_size}")
+        ffn = self.moe_intermediate_size if self.num_experts else self.intermediate_size
+        if ffn % tp != 0:
+            raise ValueError(f"parallel.tp={tp} does not divide the MLP intermediate size {ffn}")
         stage_layer_ranges(self.num_hidden_layers, pp, pipeline_layers)
 
     def to_hf_config(self, *, dtype: Optional[str] = None) -> dict[str, Any]:
@@ -207,10 +244,12 @@ def _reject_unsupported(cfg: dict[str, Any]) -> None:
     if bad_layers:
         raise ValueError(f"config.json layer_types contains {bad_layers}; megaent supports 'full_attention' and "
                          f"'sliding_attention' (up to the window) only")
-    for key in _MOE_KEYS:
+    if FAMILIES[mt].moe is not None:
+        _reject_unsupported_moe(cfg)
+    for key in _MOE_KEYS if FAMILIES[mt].moe is None else ():
         if cfg.get(key):
             raise ValueError(f"config.json {key}={cfg[key]!r}: mixture-of-experts models are not supported; "
-                             f"megaent supports dense Qwen2/Llama decoders")
+                             f"model_type={mt!r} is dense in megaent; the MoE families are qwen3_moe and mixtral")
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"config.json hidden_act={act!r} is not supported; megaent implements SwiGLU ('silu')")
@@ -220,6 +259,29 @@ def _reject_unsupported(cfg: dict[str, Any]) -> None:
         val = cfg.get(key, (cfg.get("rope_parameters") or {}).get(key, 1.0))
         if val not in (None, 1.0, 1):
             raise ValueError(f"config.json {key}={val!r} is not supported; megaent rotates the whole head (1.0)")
+
+
+def _reject_unsupported_moe(cfg: dict[str, Any]) -> None:
+    if cfg.get("decoder_sparse_step", 1) != 1 or cfg.get("mlp_only_layers"):
+        raise ValueError(f"config.json decoder_sparse_step={cfg.get('decoder_sparse_step')} / mlp_only_layers="
+                         f"{cfg.get('mlp_only_layers')}: megaent builds MoE in every layer (step 1, no dense layers)")
+    if cfg.get("router_jitter_noise"):
+        raise ValueError(f"config.json router_jitter_noise={cfg['router_jitter_noise']}: megaent's router has no "
+                         f"jitter; set it to 0.0")
+    if cfg.get("shared_expert_intermediate_size"):
+        raise ValueError("config.json shared_expert_intermediate_size: shared experts are not supported")
+
+
+def _moe_fields(cfg: dict[str, Any], fam: Family) -> dict[str, Any]:
+    """The MoE fields of ModelArch (empty for dense families)."""
+    moe = fam.moe
+    if moe is None:
+        return {}
+    renorm = moe.renormalize if moe.renormalize is not None else bool(cfg.get("norm_topk_prob", False))
+    key = next((k for k in moe.experts_keys if cfg.get(k)), moe.experts_keys[0])
+    return dict(num_experts=int(_req(cfg, key)), experts_per_token=int(_req(cfg, "num_experts_per_tok")),
+                moe_intermediate_size=int(_req(cfg, moe.size_key)), moe_renormalize=renorm,
+                router_aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.0)))
 
 
 def _sliding_window(cfg: dict[str, Any], fam: Family) -> Optional[int]:

@@ -48,11 +48,18 @@ def convert(src: str, dst: str, *, tp: int = 1, pp: int = 1, to: Optional[str] =
         destroy_parallel()
 
 
-def _load(src: Path, kind: str, state):  # -> Policy
+def _engine(hf_dir: Path) -> str:
+    """The decoder that holds the model while converting: megatron-core's for MoE (the own decoder has none)."""
+    from megaent.model.arch import ModelArch
+
+    return "mcore" if ModelArch.from_hf_dir(hf_dir).num_experts else "own"
+
+
+def _load(src: Path, kind: str, state):  # -> Policy or GPTPolicy
     from megaent.model import load_hf
 
     if kind == "hf":
-        return load_hf(str(src), state)
+        return load_hf(str(src), state, engine=_engine(src))
     from megaent.trainer.checkpoint import load_checkpoint, read_meta
 
     base = Path(read_meta(src)["hf_dir"])
@@ -62,7 +69,7 @@ def _load(src: Path, kind: str, state):  # -> Policy
 
     from megaent.trainer.state_dict import canonical_state
 
-    policy = load_hf(str(base), state)  # architecture + tokenizer source; weights are replaced below
+    policy = load_hf(str(base), state, engine=_engine(base))  # architecture + tokenizer source; weights are replaced below
     tensors = canonical_state(policy, None, state, loading=True)
     load_checkpoint(src, tensors, rank=state.rank, restore_rng=False)  # digests checked, no unpickling
     return policy

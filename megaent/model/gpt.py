@@ -121,6 +121,15 @@ def gpt_config(arch: ModelArch, *, tp: int, pp: int, dtype: torch.dtype = torch.
         kw["recompute_granularity"] = recompute
         if recompute == "full":
             kw.update(recompute_method="uniform", recompute_num_layers=1)
+    if arch.num_experts:
+        kw.update(_moe_config(arch))
+        # megatron-core's alltoall dispatcher opens a CUDA stream at build; the allgather one runs anywhere but
+        # refuses variable_seq_lengths (MoE pipelines then need equal micro-batch lengths)
+        variable_seq_lengths = False
+    else:
+        # variable-length packed micro-batches through the pipeline; megatron-core's validation accepts
+        # variable_seq_lengths only with this dispatcher setting, even without MoE.
+        kw["moe_token_dispatcher_type"] = "alltoall"
     if fp8:
         kw.update(fp8="hybrid" if fp8 == "delayed" else "e4m3", fp8_recipe=fp8, fp8_amax_history_len=1024,
                   fp8_amax_compute_algo="max")
@@ -139,11 +148,19 @@ def gpt_config(arch: ModelArch, *, tp: int, pp: int, dtype: torch.dtype = torch.
         num_layers_in_first_pipeline_stage=first, num_layers_in_last_pipeline_stage=last,
         params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         pipeline_dtype=dtype, use_cpu_initialization=True, perform_initialization=False,
-        # variable-length packed micro-batches through the pipeline; megatron-core's validation accepts
-        # variable_seq_lengths only with this dispatcher setting, even without MoE.
-        variable_seq_lengths=variable_seq_lengths, moe_token_dispatcher_type="alltoall",
-        **kw,
+        variable_seq_lengths=variable_seq_lengths, **kw,
     )
+
+
+def _moe_config(arch: ModelArch) -> dict[str, Any]:
+    """megatron-core MoE settings reproducing HF Qwen3-MoE / Mixtral routing: softmax router; with
+    renormalisation top-k of the logits then softmax over the k (= softmax, top-k, renormalise), without it
+    softmax over all experts then top-k (`moe_router_pre_softmax`). No aux loss inside megatron-core (the
+    load-balancing loss is the trainer's, as HF defines it); sequential experts (no grouped GEMM); EP = 1."""
+    return dict(num_moe_experts=arch.num_experts, moe_router_topk=arch.experts_per_token,
+                moe_ffn_hidden_size=arch.moe_intermediate_size, moe_router_score_function="softmax",
+                moe_router_pre_softmax=not arch.moe_renormalize, moe_router_load_balancing_type="none",
+                moe_aux_loss_coeff=0.0, moe_grouped_gemm=False, moe_token_dispatcher_type="allgather")
 
 
 def layer_spec(arch: ModelArch, config: Any, *, backend: str = "local", pp_rank: int = 0) -> Any:
@@ -160,9 +177,11 @@ def layer_spec(arch: ModelArch, config: Any, *, backend: str = "local", pp_rank:
     if backend == "te":
         from megatron.core.extensions.transformer_engine import TENorm
 
-        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
+        spec = get_gpt_layer_with_transformer_engine_spec(num_experts=arch.num_experts or None,
+                                                          qk_layernorm=arch.qk_norm)
         return TransformerBlockSubmodules(layer_specs=[spec] * n, layer_norm=TENorm)
-    spec = copy.deepcopy(get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm"))
+    spec = copy.deepcopy(get_gpt_layer_local_spec(num_experts=arch.num_experts or None, qk_layernorm=arch.qk_norm,
+                                                  normalization="RMSNorm"))
     sub = spec.submodules
     sub.input_layernorm = sub.pre_mlp_layernorm = RMSNorm
     if arch.qk_norm:  # per head, over D; megatron builds them with hidden_size = head_dim

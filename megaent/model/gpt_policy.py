@@ -22,6 +22,8 @@ Parameter layouts (megatron-core's, which the embedded rollout engine reads as w
   cut in m pieces), so the two layouts differ across ranks: `_to_mcore` / `_from_mcore` of the QKV weight
   and bias are then collective (one all-gather on tp_group each) and every TP rank must call them in order.
 - Qwen3's q/k RMSNorm weights are megatron-core's `q_layernorm` / `k_layernorm` (replicated, [D]).
+- MoE (Qwen3-MoE, Mixtral): router `mlp.router.weight` [E, H] (HF `gate`), expert e's `linear_fc1` /
+  `linear_fc2` under `mlp.experts.local_experts.e` (EP = 1), TP-split like the dense MLP.
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ _LAYER_NAMES = {  # megaent table name (after "layers.{i}.") -> GPTModel name (a
     "post_norm.weight": "pre_mlp_layernorm.weight",
     "mlp.gate_up.weight": "mlp.linear_fc1.weight",
     "mlp.down.weight": "mlp.linear_fc2.weight",
+    "moe.router.weight": "mlp.router.weight",
 }
 _TE_NORMS = {"input_norm.weight": "self_attention.linear_qkv.layer_norm_weight",
              "post_norm.weight": "mlp.linear_fc1.layer_norm_weight"}
@@ -115,7 +118,12 @@ class GPTPolicy(torch.nn.Module):
         if m is None or int(m.group(1)) not in self.layer_ids:
             raise KeyError(f"{name!r} is not a parameter of pipeline stage {self.state.pp_rank}")
         rest = m.group(2)
-        tail = (_TE_NORMS.get(rest) if self.backend == "te" else None) or _LAYER_NAMES[rest]
+        e = re.fullmatch(r"moe\.experts\.(\d+)\.(gate_up|down)\.weight", rest)
+        if e is not None:  # EP = 1: every expert is local
+            fc = "linear_fc1" if e.group(2) == "gate_up" else "linear_fc2"
+            tail = f"mlp.experts.local_experts.{e.group(1)}.{fc}.weight"
+        else:
+            tail = (_TE_NORMS.get(rest) if self.backend == "te" else None) or _LAYER_NAMES[rest]
         return f"model.decoder.layers.{self.layer_ids.index(int(m.group(1)))}.{tail}"
 
     def _to_mcore(self, name: str, local: torch.Tensor) -> torch.Tensor:

@@ -70,6 +70,25 @@ def _layer_parts(arch: ModelArch, l: int) -> dict[str, list[tuple[str, str, tupl
         del table[f"layers.{l}.attn.qkv.bias"]
     if not arch.qk_norm:
         del table[f"layers.{l}.attn.q_norm.weight"], table[f"layers.{l}.attn.k_norm.weight"]
+    if arch.num_experts:
+        del table[f"layers.{l}.mlp.gate_up.weight"], table[f"layers.{l}.mlp.down.weight"]
+        table.update(_moe_parts(arch, l))
+    return table
+
+
+def _moe_parts(arch: ModelArch, l: int) -> dict[str, list[tuple[str, str, tuple[int, ...]]]]:
+    """Router (replicated [E, H]) and every expert's SwiGLU, TP-split like the dense MLP (EP = 1)."""
+    from megaent.model.arch import FAMILIES
+
+    names = FAMILIES[arch.model_type].moe
+    h, i = arch.hidden_size, arch.moe_intermediate_size
+    p = f"model.layers.{l}.{names.block}."
+    table = {f"layers.{l}.moe.router.weight": [(p + "gate.weight", "replicated", (arch.num_experts, h))]}
+    for e in range(arch.num_experts):
+        x = f"{p}experts.{e}."
+        table[f"layers.{l}.moe.experts.{e}.gate_up.weight"] = [(x + f"{names.gate}.weight", "column", (i, h)),
+                                                              (x + f"{names.up}.weight", "column", (i, h))]
+        table[f"layers.{l}.moe.experts.{e}.down.weight"] = [(x + f"{names.down}.weight", "row", (h, i))]
     return table
 
 

@@ -40,6 +40,10 @@ class Policy(torch.nn.Module):
                  pipeline_layers: Optional[list[int]] = None, vocab_multiple: int = 1,
                  activation_checkpointing: bool = False):
         super().__init__()
+        if arch.num_experts:
+            raise ValueError(f"config.json model_type={arch.model_type!r} is a mixture-of-experts model: megaent's own "
+                             f"decoder (embedded rollout engine, megaent serve) has no MoE layers yet; load it with "
+                             f"engine='mcore' and roll out with rollout.engine=http or sglang")
         arch.check_layout(tp=state.tp, pp=state.pp, pipeline_layers=pipeline_layers)
         self.arch, self.state, self.dtype = arch, state, dtype
         self.pipeline_layers = pipeline_layers
