@@ -14,6 +14,8 @@ dispatcher, EP = 1). Vocab 1001, so TP pads the vocabulary. One 4-rank gloo spaw
   `transformers` loads the export to the same logits;
 - megaent's own decoder (`engine="own"`) at TP=2 (and TP=4 for the 2-KV-head models): logits vs HF, and the
   embedded engine's greedy generation vs HF `generate(do_sample=False)` on each prompt;
+- MoE router statistics (`megaent.model.moe`) at TP=1 and TP=2 (tokens split by sequence parallelism): HF's
+  load-balancing aux loss, with and without padding, and the router-logits entropy;
 - the own decoder refuses MoE checkpoints, naming the way out (engine='mcore', rollout.engine=http);
 - Mistral sequences longer than the window: both decoders refuse with a ConfigError naming sliding_window.
 In this process: published config.json spellings (older `rope_theta` / `torch_dtype`, transformers-5
@@ -83,7 +85,9 @@ def _inputs() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, V, (2, 8), generator=g)
     ids[0, 3] = V - 1  # the last real token lives in the last TP shard, next to the padding
-    return {"ids": ids, "loss_w": torch.randn(2, 8, V, generator=g)}
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[1, -3:] = False  # right padding: the real tokens' router logits do not change
+    return {"ids": ids, "loss_w": torch.randn(2, 8, V, generator=g), "mask": mask}
 
 
 # ---------------------------------------------------------------------------------------------- spawned side
@@ -197,6 +201,28 @@ def _own_refuses_moe(hf_dir: str, st) -> str:
     return ""
 
 
+def _router_stats(pol, st, inp: dict, fam: str) -> dict:
+    """HF's load-balancing loss and the router entropy from the captured router logits (PP = 1), with the
+    tokens of sequence parallelism split over tp_group; recorded on global rank 0."""
+    import torch.distributed as dist
+
+    from megaent.model.moe import capture_router_logits, load_balancing_loss, router_entropy
+
+    with torch.no_grad(), capture_router_logits(pol) as logits:
+        pol(inp["ids"])
+    b, s = inp["ids"].shape
+    rows = slice(st.tp_rank * s // st.tp, (st.tp_rank + 1) * s // st.tp) if pol.config.sequence_parallel \
+        else slice(0, s)
+    mask = inp["mask"].T[rows].reshape(-1)  # megatron-core's token order: t = s * B + b
+    group = st.tp_group if pol.config.sequence_parallel else None
+    a = pol.arch
+    out = dict(aux=load_balancing_loss(logits, num_experts=a.num_experts, top_k=a.experts_per_token, group=group),
+               aux_masked=load_balancing_loss(logits, num_experts=a.num_experts, top_k=a.experts_per_token,
+                                              token_mask=mask, group=group),
+               entropy=router_entropy(logits, group=group), layers=len(logits))
+    return {(fam, "router", st.tp): out} if dist.get_rank() == 0 else {}
+
+
 def _spawned(rank: int, world: int, dirs: dict[str, str], out_dir: str, inp: dict) -> dict:
     from megaent.model import load_hf, save_hf
     from megaent.parallel import init_parallel
@@ -207,6 +233,8 @@ def _spawned(rank: int, world: int, dirs: dict[str, str], out_dir: str, inp: dic
         for tp, pp in LAYOUTS:
             st = init_parallel(tp, pp)
             pol = load_hf(dirs[fam], st, engine="mcore")
+            if fam in MOE_FAMILIES and pp == 1:
+                res.update(_router_stats(pol, st, inp, fam))
             logits = _mcore_logits(pol, st, inp["ids"])
             if st.is_last_stage and st.tp_rank == 0 and st.dp_rank == 0:
                 res[(fam, "mcore", tp, pp)] = dict(logits=logits, sp=pol.config.sequence_parallel)
@@ -316,6 +344,27 @@ def test_own_decoder_logits_and_greedy_generation_match_hf(results, fam, tp):
 def test_own_decoder_refuses_moe_naming_the_way_out(results, fam):
     msg = results[0][(fam, "own refuses")]
     assert "mixture-of-experts" in msg and "engine='mcore'" in msg and "rollout.engine=http" in msg
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fam", MOE_FAMILIES)
+@pytest.mark.parametrize("tp", [1, 2])
+def test_load_balancing_loss_and_router_entropy_match_hf(results, fam, tp):
+    """HF's aux_loss (output_router_logits, before router_aux_loss_coef), with and without padding, and the
+    entropy of its router logits; at TP=2 sequence parallelism splits the tokens over the ranks."""
+    res, dirs, _, inp = results
+    r = res[(fam, "router", tp)]
+    model = _hf(dirs[fam])
+    with torch.no_grad():
+        full = model(inp["ids"], output_router_logits=True)
+        masked = model(inp["ids"], attention_mask=inp["mask"].long(), output_router_logits=True)
+    logits = torch.cat(full.router_logits).float()
+    ent = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1).mean()
+    assert r["layers"] == len(full.router_logits)
+    assert abs(float(r["aux"]) - float(full.aux_loss)) <= 1e-6
+    assert abs(float(r["aux_masked"]) - float(masked.aux_loss)) <= 1e-6
+    assert abs(float(r["aux_masked"]) - float(r["aux"])) > 1e-6  # the mask matters
+    assert abs(float(r["entropy"]) - float(ent)) <= 1e-6
 
 
 @pytest.mark.slow

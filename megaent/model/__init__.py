@@ -1,4 +1,7 @@
-"""megaent.model: the Qwen2/Llama policy over TP x PP (megatron-core TP layers), HF load/save.
+"""megaent.model: the policy over TP x PP (megatron-core layers), HF load/save.
+
+Families (`megaent.model.arch.FAMILIES`): Qwen2, Llama, Qwen3, Mistral, and on megatron-core's GPTModel only
+the MoE ones, Qwen3-MoE and Mixtral (router statistics in `megaent.model.moe`).
 
 `load_hf(dir, state)` / `build_policy(arch, state)` give this rank's `Policy`
 stage; `save_hf(policy, state, out_dir)` writes a HF checkpoint; `KVCache` /
