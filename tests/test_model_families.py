@@ -7,7 +7,8 @@ for TP=4. Qwen3-MoE (4 experts, top-2, with and without
 norm_topk_prob) and Mixtral (4 experts, top-2) run on megatron-core's MoE layers (sequential experts, allgather
 dispatcher, EP = 1). Vocab 1001, so TP pads the vocabulary. One 4-rank gloo spawn (tests/dist.py) runs:
 - megatron-core GPTPolicy (`engine="mcore"`, sequence parallel on at TP > 1) at TP=1, TP=2, PP=2, TP=2 x PP=2
-  for Qwen3 / Mistral / Qwen3-MoE / Mixtral, and at TP=4 for Qwen2 and Qwen3 with 2 KV heads: logits vs HF (<= 1e-5, fp32);
+  for Qwen3 / Mistral / Qwen3-MoE / Mixtral, and at TP=4 for Qwen2 and Qwen3 with 2 KV heads: logits vs HF
+  (<= 1e-5, fp32);
 - at TP=4: gradients of sum(logits * w) gathered over TP vs HF autograd of the same loss (what TP=1 gives;
   norm gradients summed over TP as megatron-core's finalize_model_grads does), and `save_hf`;
 - `save_hf` after `load_hf` at TP=2 x PP=2 (and TP=4): every tensor bit for bit the source's, and
@@ -66,7 +67,8 @@ def make_family_hf(out: Path, family: str, *, tie: bool = False, seed: int = 0, 
         extra = dict(num_experts=4, moe_intermediate_size=32, num_experts_per_tok=2, **extra)
     if family == "mixtral":
         extra = dict(num_local_experts=4, num_experts_per_tok=2, **extra)
-    cfg = cls(vocab_size=V, hidden_size=H, intermediate_size=32 if family == "mixtral" else 2 * H, num_hidden_layers=2, num_attention_heads=4,
+    cfg = cls(vocab_size=V, hidden_size=H, intermediate_size=32 if family == "mixtral" else 2 * H,
+              num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, rms_norm_eps=1e-6,
               tie_word_embeddings=tie, pad_token_id=0, eos_token_id=2, bos_token_id=None, **extra)
     torch.manual_seed(seed)
@@ -399,6 +401,25 @@ MISTRAL_SMALL_24B = {  # the published Mistral-Small-24B-Instruct-2501 config.js
     "rope_theta": 100000000.0, "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
     "transformers_version": "4.49.0.dev0", "use_cache": True, "vocab_size": 131072}
 
+QWEN3_30B_A3B = {  # the published Qwen3-30B-A3B config.json (MoE: 128 experts, top-8, renormalised)
+    "architectures": ["Qwen3MoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 151643, "decoder_sparse_step": 1, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu",
+    "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 6144, "max_position_embeddings": 40960,
+    "max_window_layers": 48, "mlp_only_layers": [], "model_type": "qwen3_moe", "moe_intermediate_size": 768,
+    "norm_topk_prob": True, "num_attention_heads": 32, "num_experts": 128, "num_experts_per_tok": 8,
+    "num_hidden_layers": 48, "num_key_value_heads": 4, "output_router_logits": False, "rms_norm_eps": 1e-06,
+    "rope_scaling": None, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001, "sliding_window": None,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.51.0", "use_cache": True,
+    "use_sliding_window": False, "vocab_size": 151936}
+MIXTRAL_8X7B = {  # the published Mixtral-8x7B-v0.1 config.json
+    "architectures": ["MixtralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
+    "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
+    "max_position_embeddings": 32768, "model_type": "mixtral", "num_attention_heads": 32, "num_experts_per_tok": 2,
+    "num_hidden_layers": 32, "num_key_value_heads": 8, "num_local_experts": 8, "output_router_logits": False,
+    "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.02, "sliding_window": None,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.36.0.dev0",
+    "use_cache": True, "vocab_size": 32000}
+
 
 def _transformers5_spelling(cfg: dict) -> dict:
     """The same config written by the installed transformers (rope_parameters, dtype)."""
@@ -414,6 +435,10 @@ def _transformers5_spelling(cfg: dict) -> dict:
                       tie_word_embeddings=True)),
     (MISTRAL_7B_V01, dict(qk_norm=False, qkv_bias=False, sliding_window=4096, head_dim=128, rope_theta=1e4)),
     (MISTRAL_SMALL_24B, dict(qk_norm=False, qkv_bias=False, sliding_window=None, head_dim=128, rope_theta=1e8)),
+    (QWEN3_30B_A3B, dict(qk_norm=True, num_experts=128, experts_per_token=8, moe_intermediate_size=768,
+                         moe_renormalize=True, router_aux_loss_coef=0.001)),
+    (MIXTRAL_8X7B, dict(qk_norm=False, num_experts=8, experts_per_token=2, moe_intermediate_size=14336,
+                        moe_renormalize=True, router_aux_loss_coef=0.02, sliding_window=None)),
 ])
 def test_published_config_spellings_load_the_same(cfg, want):
     from megaent.model import ModelArch
@@ -431,6 +456,17 @@ def test_qwen_sliding_window_counts_only_when_used():
     base = {**QWEN3_0_6B, "sliding_window": 4096}
     assert ModelArch.from_hf_config(base).sliding_window is None  # use_sliding_window false: full attention
     assert ModelArch.from_hf_config({**base, "use_sliding_window": True}).sliding_window == 4096
+
+
+def test_moe_configs_megaent_cannot_build_are_refused():
+    from megaent.model import ModelArch
+
+    for patch, key in [({"decoder_sparse_step": 2}, "decoder_sparse_step"), ({"mlp_only_layers": [0]}, "mlp_only"),
+                       ({"router_jitter_noise": 0.1}, "router_jitter_noise")]:
+        with pytest.raises(ValueError, match=key):
+            ModelArch.from_hf_config({**(MIXTRAL_8X7B if "jitter" in key else QWEN3_30B_A3B), **patch})
+    with pytest.raises(ValueError, match="num_experts=4"):  # MoE keys on a dense family
+        ModelArch.from_hf_config({**QWEN3_0_6B, "num_experts": 4})
 
 
 def test_tp_wider_than_kv_heads_layout_checks():

@@ -70,7 +70,8 @@ FAMILIES: dict[str, Family] = {
     "qwen3": Family("Qwen3ForCausalLM", qkv_bias=None, qk_norm=True),
     "mistral": Family("MistralForCausalLM", qkv_bias=False, window_always=True),
     "qwen3_moe": Family("Qwen3MoeForCausalLM", qkv_bias=None, qk_norm=True, moe=MoeNames(
-        ("num_experts", "num_local_experts"), "moe_intermediate_size", "mlp", "gate_proj", "up_proj", "down_proj", renormalize=None)),
+        ("num_experts", "num_local_experts"), "moe_intermediate_size", "mlp", "gate_proj", "up_proj", "down_proj",
+        renormalize=None)),
     "mixtral": Family("MixtralForCausalLM", qkv_bias=False, window_always=True, moe=MoeNames(
         ("num_local_experts",), "intermediate_size", "block_sparse_moe", "w1", "w3", "w2", renormalize=True)),
 }

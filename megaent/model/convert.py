@@ -69,7 +69,8 @@ def _load(src: Path, kind: str, state):  # -> Policy or GPTPolicy
 
     from megaent.trainer.state_dict import canonical_state
 
-    policy = load_hf(str(base), state, engine=_engine(base))  # architecture + tokenizer source; weights are replaced below
+    # architecture + tokenizer source; weights are replaced below
+    policy = load_hf(str(base), state, engine=_engine(base))
     tensors = canonical_state(policy, None, state, loading=True)
     load_checkpoint(src, tensors, rank=state.rank, restore_rng=False)  # digests checked, no unpickling
     return policy
