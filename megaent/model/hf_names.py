@@ -150,8 +150,8 @@ def tp_slice(src: Any, shape: tuple[int, ...], kind: str, tp_rank: int, tp: int,
         real = src[min(a, shape[0]):min(b, shape[0])]
         if real.shape[0] == b - a:
             return real
-        pad = torch.zeros((b - a - real.shape[0], *shape[1:]), dtype=real.dtype)
-        return torch.cat([real, pad.to(real.device)], dim=0)
+        pad = torch.zeros((b - a - real.shape[0], *shape[1:]), dtype=real.dtype, device=real.device)
+        return torch.cat([real, pad], dim=0)
     raise ValueError(f"unknown TP kind {kind!r}; expected one of {KINDS}")
 
 

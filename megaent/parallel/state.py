@@ -1,9 +1,10 @@
 """The one object that owns the process groups: `ParallelState`.
 
-`init_parallel(tp, pp)` starts torch.distributed (gloo on CPU, NCCL on GPU)
-from the launch environment and builds megatron-core's tensor/pipeline/data
-groups. Only this package touches megatron-core's global `parallel_state`;
-everything else receives groups explicitly from the `ParallelState`.
+`init_parallel(tp, pp)` starts torch.distributed (gloo on CPU; on GPUs
+`cpu:gloo,cuda:nccl`: NCCL for device tensors, gloo for host objects) from
+the launch environment and builds megatron-core's tensor/pipeline/data groups.
+Only this package touches megatron-core's global `parallel_state`; everything
+else receives groups explicitly from the `ParallelState`.
 
 Rank layout (megatron-core's default order tp-dp-pp): TP is the fastest axis,
 then DP, then PP, so a TP group is contiguous ranks and PP stages are far apart.
@@ -100,7 +101,9 @@ def init_parallel(tp: int = 1, pp: int = 1, *, backend: str = "auto", timeout_s:
         device = torch.device("cuda", env.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}", rank=env.rank,
+        # On GPUs every group is NCCL for device tensors and gloo for host ones: object collectives
+        # (broadcast_object_list, all_gather_object) pickle on the host and go over gloo, never through GPU memory.
+        dist.init_process_group("cpu:gloo,cuda:nccl" if backend == "nccl" else backend, init_method=f"tcp://{env.master_addr}:{env.master_port}", rank=env.rank,
                                 world_size=env.world_size, timeout=datetime.timedelta(seconds=timeout_s))
     if mps.model_parallel_is_initialized():
         mps.destroy_model_parallel()

@@ -194,21 +194,24 @@ class EmbeddedEngine:
     # ---------------------------------------------------------------- decode loop
     def _build_rows(self, chunk: list, p_len: int, m: int, device: torch.device) -> tuple[_Rows, torch.Tensor]:
         b = len(chunk)
-        input_ids = torch.full((b, p_len), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(b, p_len + m, dtype=torch.bool)
+        host = torch.device("cpu")  # host-side setup, moved to the decoder's device once below
+        input_ids = torch.full((b, p_len), self.pad_token_id, dtype=torch.long, device=host)
+        mask = torch.zeros(b, p_len + m, dtype=torch.bool, device=host)
         stops = []
         for k, (_, _, _, ids, params, _) in enumerate(chunk):  # host-side setup, once per batch
-            input_ids[k, p_len - len(ids):] = torch.tensor(ids)
+            input_ids[k, p_len - len(ids):] = torch.tensor(ids, device=host)
             mask[k, p_len - len(ids):p_len] = True
             stops.append(list(params.stop_token_ids) + ([] if params.ignore_eos else self.eos_token_ids))
         width = max(1, max(len(s) for s in stops))
-        stop_ids = torch.tensor([s + [-1] * (width - len(s)) for s in stops], dtype=torch.long)
-        f = lambda attr, dt: torch.tensor([getattr(c[4], attr) for c in chunk], dtype=dt)  # noqa: E731
+        stop_ids = torch.tensor([s + [-1] * (width - len(s)) for s in stops], dtype=torch.long, device=host)
+        def f(attr: str, dt: torch.dtype) -> torch.Tensor:
+            return torch.tensor([getattr(c[4], attr) for c in chunk], dtype=dt, device=host)
+
         rows = _Rows(
-            out_row=torch.arange(b), temperature=f("temperature", torch.float32), top_p=f("top_p", torch.float32),
+            out_row=torch.arange(b, device=host), temperature=f("temperature", torch.float32),
+            top_p=f("top_p", torch.float32),
             top_k=f("top_k", torch.long), max_new=f("max_new_tokens", torch.long), stop_ids=stop_ids,
-            keys=row_keys(torch.tensor([c[5] for c in chunk]), torch.tensor([c[1] for c in chunk]),
-                          torch.tensor([c[2] for c in chunk])),
+            keys=row_keys(*(torch.tensor([c[i] for c in chunk], device=host) for i in (5, 1, 2))),
             mask=mask, next_pos=mask.sum(-1))
         return _Rows(**{k: v.to(device) for k, v in rows.__dict__.items()}), input_ids.to(device)
 

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 UID_STRIDE = 1 << 24  # > any sequence length; uid * stride + position is unique per token
+HOST = torch.device("cpu")  # where rows are packed; `MicroBatch.to` moves them to the policy's device once
 
 
 @dataclass
@@ -196,8 +197,8 @@ def pack(samples: Sequence[TrainSample], *, share_prefix: bool = True, multiple:
         nonlocal row, seg
         for k, v in full.items():
             cols[k].append(v[a:b])
-        cols["seg"].append(torch.full((b - a,), seg, dtype=torch.long))
-        cols["pre"].append(torch.full((b - a,), prefix, dtype=torch.long))
+        cols["seg"].append(torch.full((b - a,), seg, dtype=torch.long, device=HOST))
+        cols["pre"].append(torch.full((b - a,), prefix, dtype=torch.long, device=HOST))
         row, seg = row + b - a, seg + 1
 
     for unit in units:
@@ -219,7 +220,8 @@ def pack(samples: Sequence[TrainSample], *, share_prefix: bool = True, multiple:
             emit(_columns(s), a, b, prefix)
     pad = (-row) % max(1, multiple)
     if pad:
-        zeros = {k: torch.zeros(pad, dtype=torch.long if k in ("ids", "pos", "tgt", "uid") else torch.float32)
+        zeros = {k: torch.zeros(pad, dtype=torch.long if k in ("ids", "pos", "tgt", "uid") else torch.float32,
+                                device=HOST)
                  for k in ("ids", "pos", "tgt", "mask", "adv", "old", "ref", "uid")}
         emit(zeros, 0, pad, -1)
     r = {k: torch.cat(v)[None] for k, v in cols.items()}
@@ -235,24 +237,24 @@ def _columns(s: TrainSample) -> dict[str, torch.Tensor]:
     n, p = len(s), s.prompt_len
     resp = slice(p - 1, n - 1)  # positions whose target is a response token
     tokens = s.tokens.to(torch.long)
-    tgt = torch.zeros(n, dtype=torch.long)
+    tgt = torch.zeros(n, dtype=torch.long, device=HOST)
     tgt[:-1] = tokens[1:]
-    mask = torch.zeros(n)
+    mask = torch.zeros(n, device=HOST)
     mask[resp] = 1.0
-    return {"ids": tokens, "pos": torch.arange(n), "tgt": tgt, "mask": mask, "adv": _place(s.advantage, n, resp),
+    return {"ids": tokens, "pos": torch.arange(n, device=HOST), "tgt": tgt, "mask": mask, "adv": _place(s.advantage, n, resp),
             "old": _place(s.old_logprobs, n, resp), "ref": _place(s.ref_logprobs, n, resp),
-            "uid": s.uid * UID_STRIDE + torch.arange(n)}
+            "uid": s.uid * UID_STRIDE + torch.arange(n, device=HOST)}
 
 
 def _place(values: Union[None, float, torch.Tensor], n: int, resp: slice) -> torch.Tensor:
-    out = torch.zeros(n, dtype=torch.float32)
+    out = torch.zeros(n, dtype=torch.float32, device=HOST)
     if values is None:
         return out
     if isinstance(values, torch.Tensor) and values.dim() > 0:
         want = resp.stop - resp.start
         if values.numel() != want:
             raise ValueError(f"per-token values have {values.numel()} entries; the response has {want} tokens")
-    out[resp] = torch.as_tensor(values, dtype=torch.float32)
+    out[resp] = torch.as_tensor(values, dtype=torch.float32, device=HOST)
     return out
 
 

@@ -82,10 +82,10 @@ def rng_state() -> dict[str, torch.Tensor]:
     version, py_keys, gauss = random.getstate()
     kind, np_keys, pos, has_gauss, cached = np.random.get_state()
     assert version == 3 and kind == "MT19937", (version, kind)
-    return {"torch": torch.get_rng_state(), "python": torch.tensor(py_keys, dtype=torch.int64),
-            "python_gauss": torch.tensor([gauss is not None, gauss or 0.0], dtype=torch.float64),
-            "numpy": torch.from_numpy(np_keys.astype(np.int64)), "numpy_pos": torch.tensor([pos], dtype=torch.int64),
-            "numpy_gauss": torch.tensor([has_gauss, cached], dtype=torch.float64)}
+    return {"torch": torch.get_rng_state(), "python": torch.tensor(py_keys, dtype=torch.int64, device="cpu"),
+            "python_gauss": torch.tensor([gauss is not None, gauss or 0.0], dtype=torch.float64, device="cpu"),
+            "numpy": torch.from_numpy(np_keys.astype(np.int64)), "numpy_pos": torch.tensor([pos], dtype=torch.int64, device="cpu"),
+            "numpy_gauss": torch.tensor([has_gauss, cached], dtype=torch.float64, device="cpu")}
 
 
 def set_rng_state(state: dict[str, torch.Tensor]) -> None:

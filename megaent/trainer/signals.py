@@ -64,7 +64,7 @@ class StopFlag:
         import torch
         import torch.distributed as dist
 
-        flag = torch.tensor([1.0 if self.signum is not None else 0.0])
+        flag = torch.tensor([1.0 if self.signum is not None else 0.0], device="cpu")  # host flag: gloo
         if dist.is_initialized() and dist.get_world_size(group) > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         return bool(flag.item() > 0)

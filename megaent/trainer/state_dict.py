@@ -41,7 +41,7 @@ _PLACEMENT = {"column": Shard(0), "vocab": Shard(0), "row": Shard(1), "replicate
 
 def stage_mesh(state: ParallelState) -> DeviceMesh:
     """(dp, tp) mesh of this rank's pipeline stage, cut from the world's (pp, dp, tp) grid (megatron order)."""
-    grid = torch.arange(state.world_size).reshape(state.pp, state.dp, state.tp)
+    grid = torch.arange(state.world_size, device="cpu").reshape(state.pp, state.dp, state.tp)
     mesh = DeviceMesh(state.device.type, grid, mesh_dim_names=("pp", "dp", "tp"))
     return mesh["dp", "tp"]
 
@@ -98,11 +98,19 @@ def _main_of(optimizer: Any, param: torch.nn.Parameter) -> tuple[Any, Optional[t
     raise KeyError("parameter not found in the megatron-core optimizer")
 
 
+def _step_tensor(sub: Any, main: torch.Tensor, step: int) -> torch.Tensor:
+    """Adam's step count where torch.optim keeps it: on the parameter's device when fused or capturable, else
+    a host scalar."""
+    defaults = getattr(sub.optimizer, "defaults", {})
+    on_device = defaults.get("fused") or defaults.get("capturable")
+    return torch.tensor(float(step), dtype=torch.float32, device=main.device if on_device else "cpu")
+
+
 def _adam_state(sub: Any, main: torch.Tensor, *, step: int) -> dict[str, torch.Tensor]:
     """exp_avg / exp_avg_sq of a main parameter, created as zeros when Adam has not stepped yet."""
     st = sub.optimizer.state[main]
     if "exp_avg" not in st:
-        st["step"] = torch.tensor(float(step))
+        st["step"] = _step_tensor(sub, main, step)
         st["exp_avg"] = torch.zeros_like(main, memory_format=torch.preserve_format)
         st["exp_avg_sq"] = torch.zeros_like(main, memory_format=torch.preserve_format)
     return {"exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"]}
@@ -190,8 +198,8 @@ def finish_load(policy: Any, engine: Any, state_dict: CanonicalState, *, step: i
     if engine is not None:
         engine.step_count = step
         for sub in _sub_optimizers(engine.optimizer):
-            for st in sub.optimizer.state.values():
+            for main, st in sub.optimizer.state.items():
                 if "step" in st:
-                    st["step"] = torch.tensor(float(step))
+                    st["step"] = _step_tensor(sub, main, step)
     for p in policy.parameters():
         increment_version(p)

@@ -152,16 +152,16 @@ class Trainer:
         samples: list[TrainSample] = []
         if res.groups:
             rewards = [list(r) for _, _, r in res.groups]
-            adv = compute_advantages(torch.tensor(rewards, dtype=torch.float32), estimator=a.advantage,
+            adv = compute_advantages(torch.tensor(rewards, dtype=torch.float32, device="cpu"), estimator=a.advantage,
                                      norm_by_std=a.norm_adv_by_std)  # [N, G]
             for gi, (_, g, _) in enumerate(res.groups):
                 for j, s in enumerate(g):
                     uid = gi * G + j
-                    samples.append(TrainSample(tokens=torch.tensor(list(s.prompt_ids) + list(s.output_ids)),
+                    samples.append(TrainSample(tokens=torch.tensor(list(s.prompt_ids) + list(s.output_ids), device="cpu"),
                                                prompt_len=len(s.prompt_ids), advantage=float(adv[gi, j]),
                                                group=gi, uid=uid))
                     self._rollout_lps[uid] = s.logprobs
-        r = torch.tensor(seen["rewards"] or [0.0])
+        r = torch.tensor(seen["rewards"] or [0.0], device="cpu")
         lengths = seen["lengths"]
         metrics = {"reward/mean": float(r.mean()), "reward/std": float(r.std()) if r.numel() > 1 else 0.0,
                    "response/length_mean": float(sum(lengths) / max(len(lengths), 1)),
