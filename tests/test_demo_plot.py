@@ -158,3 +158,62 @@ def test_cli_plot_glob_skips_log_files(tmp_path: Path, runs: dict[str, np.ndarra
     assert out.is_file() and "skipping 5 file(s)" in res.stderr
     res = subprocess.run(["megaent", "plot", str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "no such run directory" in res.stderr and "Traceback" not in res.stderr
+
+
+# ---- entropy dynamics row (issue #26) -----------------------------------------------------------------------
+
+def _write_dynamics_run(d: Path, seed: int, steps: int = 30, *, controller: bool = False) -> dict[str, np.ndarray]:
+    """metrics.jsonl with the plain KEYS plus the exact and advantage-covariance dH pairs (and a target)."""
+    rng = np.random.default_rng(seed)
+    pred = rng.normal(0, 0.02, steps)
+    cols = {"dynamics/exact_pred_dH": pred, "dynamics/exact_dH": 1.05 * pred + rng.normal(0, 0.002, steps),
+            "dynamics/pred_dH": 0.3 * pred + rng.normal(0, 0.01, steps), "dynamics/dH": pred + rng.normal(0, 0.005, steps)}
+    if controller:
+        cols["controller/target_entropy"] = np.full(steps, 0.5)
+    rows = _write_run(d, rng.random((steps, len(KEYS))))
+    for r, i in zip(rows, range(steps)):
+        r.update({k: float(v[i]) for k, v in cols.items()})
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return cols
+
+
+def test_dynamics_row_predicted_vs_measured(tmp_path: Path) -> None:
+    import matplotlib.image as mpimg
+
+    from megaent.trainer.dynamics import pearson
+    from megaent.trainer.plots import dynamics_correlations
+
+    cols = {n: _write_dynamics_run(tmp_path / n, s, controller=n.startswith("ctrl"))
+            for s, n in enumerate(("grpo_seed0", "grpo_seed1", "ctrl_seed0"))}
+    fig = build_figure([tmp_path / n for n in cols])
+    axes = fig.get_axes()
+    assert len(axes) == 9
+    for ax in axes:
+        assert ax.get_xlabel() and ax.get_ylabel(), ax.get_title()
+        assert "(" in ax.get_ylabel() or "/" in ax.get_ylabel(), f"no unit in {ax.get_ylabel()!r}"
+    exact = next(ax for ax in axes if ax.get_title().startswith("measured vs exact"))
+    assert "Cov(log pi, dz)" in exact.get_xlabel() and "measured dH" in exact.get_ylabel()
+    assert [ln for ln in exact.get_lines() if ln.get_gid() == "identity"]
+    pooled = [np.concatenate([cols[n][k] for n in ("grpo_seed0", "grpo_seed1")])
+              for k in ("dynamics/exact_pred_dH", "dynamics/exact_dH")]
+    legend = [t.get_text() for t in exact.get_legend().get_texts()]
+    assert f"grpo (2 seeds): r = {pearson(*map(list, pooled)):.3f}" in legend
+    per_step = next(ax for ax in axes if ax.get_title().startswith("entropy change per step"))
+    assert len(per_step.get_lines()) == 5  # measured + predicted for each of 2 methods, and the zero line
+    entropy = next(ax for ax in axes if ax.get_title().startswith("policy entropy"))
+    assert any(ln.get_linestyle() == ":" and "target" in ln.get_label() for ln in entropy.get_lines())
+    png = plot_runs([tmp_path / n for n in cols], out=tmp_path / "dyn.png")
+    img = mpimg.imread(png)
+    assert img.shape[0] > 1200 and img.std() > 0  # 15x12 in at 110 dpi
+    for e in dynamics_correlations([tmp_path / n for n in cols]):
+        c = cols[e["run"]]
+        assert e["exact_corr"] == pytest.approx(np.corrcoef(c["dynamics/exact_pred_dH"], c["dynamics/exact_dH"])[0, 1])
+        assert e["adv_cov_corr"] == pytest.approx(np.corrcoef(c["dynamics/pred_dH"], c["dynamics/dH"])[0, 1])
+        assert e["steps"] == 30 and e["exact_corr"] > 0.9
+
+
+def test_no_dynamics_row_without_exact_metrics(tmp_path: Path, runs: dict[str, np.ndarray]) -> None:
+    from megaent.trainer.plots import dynamics_correlations
+
+    assert len(build_figure([tmp_path / "grpo_seed0"]).get_axes()) == 6
+    assert dynamics_correlations([tmp_path / "grpo_seed0"])[0]["exact_corr"] is None

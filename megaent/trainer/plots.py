@@ -7,6 +7,13 @@ with several seeds: `plot_runs` draws their per-step mean with a shaded min-max 
 `<name> (n seeds)`, over the steps every seed has reached. Other directories are drawn as single curves,
 as before. `seed_summary` gives the numbers behind the demo's table (mean and std across seeds of a
 metric's average over the first and last fifth of the steps).
+
+Entropy dynamics (issue #26). When a run's metrics hold `dynamics/exact_pred_dH` (the exact first-order
+prediction -mean Cov(log pi_old, dz) of megaent.ops.entropy_change) and `dynamics/exact_dH` (measured on the
+same positions), the figure gains a third row: both per step, measured against predicted with the y = x
+line and each method's correlation, and the older advantage-covariance estimate (`dynamics/pred_dH` vs
+`dynamics/dH`) beside it. `dynamics_correlations` gives the per-seed numbers. A run with the entropy
+controller on (`controller/target_entropy`) has its target drawn dotted in the entropy panel.
 """
 from __future__ import annotations
 
@@ -28,6 +35,9 @@ PANELS = (("entropy/mean", "policy entropy (token mean)", ENTROPY),
           ("cov/mean", "Cov(log pi, A) (token mean)", COV),
           ("cov/top_0.02pct", "top-0.02% covariance (mean of the largest)", COV),
           ("response/length_mean", "response length (mean)", "tokens / response"))
+DH = "entropy change dH (nats / token per step)"
+EXACT = ("dynamics/exact_pred_dH", "dynamics/exact_dH")
+ADV_COV = ("dynamics/pred_dH", "dynamics/dH")
 _SEED_DIR = re.compile(r"^(?P<name>.+)_seed(?P<seed>\d+)$")
 
 
@@ -122,13 +132,79 @@ def format_summary(summary: list[dict], keys: Sequence[str] = ("entropy/mean", "
     return "\n".join(lines)
 
 
-def _draw_band(ax, runs: list[list[dict]], key: str, label: str) -> None:
+def _draw_band(ax, runs: list[list[dict]], key: str, label: str, **line_kw) -> None:
     steps, mean, lo, hi = band(runs, key)
     if not steps:
         return
-    (line,) = ax.plot(steps, mean, label=label)
+    (line,) = ax.plot(steps, mean, label=label, **line_kw)
     if len(runs) > 1:
         ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+
+
+def _pairs(rows: list[dict], keys: tuple[str, str]) -> tuple[list[float], list[float]]:
+    pts = [(r[keys[0]], r[keys[1]]) for r in rows if r.get(keys[0]) is not None and r.get(keys[1]) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def dynamics_correlations(run_dirs: Sequence[str | Path]) -> list[dict]:
+    """Per run directory: Pearson correlation over its steps of predicted and measured dH, for the exact
+    prediction (`EXACT`) and the advantage-covariance estimate (`ADV_COV`); None where a run has fewer than 3
+    such steps. Returns [{"method", "run", "exact_corr", "adv_cov_corr", "steps"}] in `group_runs` order."""
+    from megaent.trainer.dynamics import pearson
+
+    out = []
+    for method, dirs in group_runs(run_dirs).items():
+        for d in dirs:
+            rows = read_metrics(d)
+            ex, ad = _pairs(rows, EXACT), _pairs(rows, ADV_COV)
+            out.append({"method": method, "run": d.name, "exact_corr": pearson(*ex), "adv_cov_corr": pearson(*ad),
+                        "steps": len(ex[0])})
+    return out
+
+
+def _has_dynamics(groups: list[tuple[str, list[list[dict]]]]) -> bool:
+    return any(r.get(EXACT[0]) is not None for _, runs in groups for rows in runs for r in rows)
+
+
+def _scatter_pred_meas(ax, groups, keys: tuple[str, str], title: str, xlabel: str) -> None:
+    """Measured against predicted dH, one colour per method (all its seeds), the y = x line, r in the legend."""
+    from megaent.trainer.dynamics import pearson
+
+    lo, hi = math.inf, -math.inf
+    for i, (label, runs) in enumerate(groups):
+        xs, ys = _pairs([r for rows in runs for r in rows], keys)
+        if not xs:
+            continue
+        corr = pearson(xs, ys)
+        ax.scatter(xs, ys, s=10, alpha=0.6, color=f"C{i % 10}",
+                   label=f"{label}: r = {corr:.3f}" if corr is not None else label)
+        lo, hi = min(lo, *xs, *ys), max(hi, *xs, *ys)
+    if lo < hi:
+        ax.plot([lo, hi], [lo, hi], color="k", linewidth=0.8, linestyle="--", gid="identity", label="y = x")
+        ax.legend(fontsize=7)
+    ax.axhline(0, color="0.7", linewidth=0.5)
+    ax.axvline(0, color="0.7", linewidth=0.5)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("measured dH (nats / token per step)")
+    ax.grid(alpha=0.3)
+
+
+def _draw_dynamics_row(axes, groups) -> None:
+    ax = axes[0]
+    for i, (label, runs) in enumerate(groups):
+        _draw_band(ax, runs, EXACT[1], f"{label} measured", color=f"C{i % 10}")
+        _draw_band(ax, runs, EXACT[0], f"{label} predicted", color=f"C{i % 10}", linestyle="--")
+    ax.axhline(0, color="0.7", linewidth=0.5)
+    ax.set_title("entropy change per step: measured (solid) vs exact prediction (dashed)", fontsize=10)
+    ax.set_xlabel(STEP)
+    ax.set_ylabel(DH)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _scatter_pred_meas(axes[1], groups, EXACT, "measured vs exact predicted dH = -Cov(log pi, z' - z)",
+                       "predicted dH = -Cov(log pi, dz) (nats / token per step)")
+    _scatter_pred_meas(axes[2], groups, ADV_COV, "measured vs advantage-covariance estimate -lr Cov(log pi, A)",
+                       "predicted dH = -lr Cov(log pi, A) (nats / token per step)")
 
 
 def _label(name: str, dirs: list[Path]) -> str:
@@ -162,18 +238,23 @@ def draw_law(ax, h: Sequence[float], r: Sequence[float], *, color=None, label: s
 
 def build_figure(run_dirs: Sequence[str | Path]):
     """The 2x3 figure of `plot_runs` (a matplotlib Figure; the caller saves and closes it): five curves per
-    step and reward against entropy with the fitted law per method."""
+    step and reward against entropy with the fitted law per method; 3x3 with the entropy-dynamics row when
+    any run logged the exact prediction."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = [(_label(name, dirs), [read_metrics(d) for d in dirs]) for name, dirs in group_runs(run_dirs).items()]
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    dyn = _has_dynamics(groups)
+    fig, axes = plt.subplots(3 if dyn else 2, 3, figsize=(15, 12 if dyn else 8))
     curve_axes = [axes[0, 0], axes[0, 1], axes[1, 0], axes[1, 1], axes[0, 2]]
     for ax, (key, title, ylabel) in zip(curve_axes, PANELS):
-        for label, runs in groups:
-            _draw_band(ax, runs, key, label)
+        for i, (label, runs) in enumerate(groups):
+            _draw_band(ax, runs, key, label, color=f"C{i % 10}")
+            if key == "entropy/mean":
+                _draw_band(ax, runs, "controller/target_entropy", f"{label} target", color=f"C{i % 10}",
+                           linestyle=":")
         ax.set_title(title)
         ax.set_xlabel(STEP)
         ax.set_ylabel(ylabel)
@@ -193,12 +274,14 @@ def build_figure(run_dirs: Sequence[str | Path]):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")  # the points sit at the right, the ceiling stars at H = 0, top
     axes[0, 0].legend(fontsize=8)
+    if dyn:
+        _draw_dynamics_row(axes[2], groups)
     fig.tight_layout()
     return fig
 
 
 def plot_runs(run_dirs: Sequence[str | Path], *, out: Optional[str | Path] = None) -> Path:
-    """Write the 2x3 grid of `build_figure` for `run_dirs` and return the PNG path (default
+    """Write the grid of `build_figure` for `run_dirs` and return the PNG path (default
     FIRST_RUN_DIR/curves.png).
 
     Label = directory name; `<name>_seed<N>` directories are drawn as one group (mean line, min-max band).
