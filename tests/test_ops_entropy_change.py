@@ -8,6 +8,8 @@
   head padded per rank with NaN / +-1e30 rows that must never be read, fp64 (1e-10) and fp32 (the logits
   rounded to fp32, ~1e-7 relative, and sums of <= 1001 terms: 2e-5 absolute). All ranks of a TP group
   must return identical values.
+- bf16 inputs with a realistic small update: cov to 1e-6 + 1e-4 relative of fp64 on the same bf16 values
+  (dz is built from hidden/weight differences in fp32), >100x closer than from a bf16 z1 - z0.
 - Chunk sizes 1, 7, 64, 1000, 5000 agree to 1e-12 in fp64 (only the summation order changes).
 - sample_positions: fixed size, only valid positions flagged valid, no duplicates, deterministic in the seed.
 
@@ -107,6 +109,26 @@ def test_chunk_size_independent(chunk):
     out = entropy_change(h0, h1, w0, w1, temperature=TEMP, chunk_size=chunk)
     for got, want in zip(out, base):
         torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
+def test_bf16_small_update_keeps_dz():
+    """A realistic RL step changes bf16 logits by ~1e-3: the op upcasts and forms dz from the differences,
+    so it matches fp64 on the same bf16 values to fp32 rounding (where bf16 z1 - z0 would be off by ~1e-2)."""
+    h0, _, w0, _ = make_case()
+    g = torch.Generator().manual_seed(11)
+    h0, w0 = h0.bfloat16(), w0.bfloat16()
+    h1 = (h0.double() + 1e-2 * torch.randn(N, H, generator=g, dtype=torch.float64)).bfloat16()
+    w1 = (w0.double() + 1e-2 * torch.randn(V, H, generator=g, dtype=torch.float64)).bfloat16()
+    refs = full_reference(h0, h1, w0, w1, TEMP)
+    out = entropy_change(h0, h1, w0, w1, temperature=TEMP, chunk_size=128)
+    torch.testing.assert_close(out.cov.double(), refs[0], atol=1e-6, rtol=1e-4)
+    for got, want in zip(out[1:], refs[1:]):
+        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=0)
+    # why the op does not subtract logits: the same covariance from dz = bf16 z1 - bf16 z0
+    lp0 = torch.log_softmax(h0.double() @ w0.double().t() / TEMP, -1)
+    dz = (torch.mm(h1, w1.t()).double() - torch.mm(h0, w0.t()).double()) / TEMP
+    naive = (lp0.exp() * lp0 * dz).sum(-1) - (lp0.exp() * lp0).sum(-1) * (lp0.exp() * dz).sum(-1)
+    assert (naive - refs[0]).abs().max() > 100 * (out.cov.double() - refs[0]).abs().max()
 
 
 def test_same_hidden_and_head_changes_nothing():

@@ -10,6 +10,10 @@ final hidden states and the LM-head shards before and after an update:
 
     z0 = h0 @ W0.T / temperature,  z1 = h1 @ W1.T / temperature,  dz = z1 - z0       (fp32 / fp64)
 
+Inputs of any dtype are upcast (fp32, or fp64 for fp64) before the matmuls, and dz is computed directly as
+(h1 - h0) @ W1.T + h0 @ (W1 - W0).T, so the tiny per-step change of a bf16 model is not lost in the rounding
+of two large logits (3 matmuls per chunk; 2 when hidden or head is passed unchanged, as the same tensor).
+
 Because Cov is invariant to adding a constant to log pi, Cov = Cov_pi(z0 - m0, dz) for any shift m0, so no
 log-partition is needed inside the covariance. Each rank walks its vocab rows in chunks of `chunk_size`
 and folds every chunk into running per-position sums relative to a running max (online log-sum-exp,
@@ -24,7 +28,8 @@ then re-bases the shards on the global maxima and sums them:
 
 Collectives: 2 all-reduces on `tp_group` (MAX [N, 2], SUM [N, 6]); nothing on any other group. Rows at
 global index >= `vocab_size` (TP padding of the head) are never read, whatever they hold. Extra memory
-~ 5 * N * chunk_size in the compute dtype; never [N, Vl]. No autograd.
+~ 6 * N * chunk_size in the compute dtype, plus
+the [N, H] upcast hidden states; never [N, Vl]. No autograd.
 
 `sample_positions` picks the positions: hidden states are replicated over the TP group, so every TP rank
 must pick the same ones (equally seeded generators); DP ranks pick from their own tokens.
@@ -93,11 +98,12 @@ def _rescale(m: torch.Tensor, m_new: torch.Tensor, acc: torch.Tensor) -> None:
     _rebase(m[:, 1], m_new[:, 1], s1, (s1, a1))
 
 
-def _fold(z0: torch.Tensor, z1: torch.Tensor, m: torch.Tensor, acc: torch.Tensor) -> None:
-    """Fold one chunk z0, z1 [N, C] (both consumed) into the running maxima m [N, 2] and sums acc [N, 6]."""
+def _fold(z0: torch.Tensor, dz: torch.Tensor, m: torch.Tensor, acc: torch.Tensor) -> None:
+    """Fold one chunk's old logits z0 and change dz [N, C] (z0 consumed) into the running maxima m [N, 2]
+    and sums acc [N, 6], in place."""
+    z1 = z0 + dz  # [N, C]
     m_new = torch.maximum(m, torch.stack([z0.max(-1).values, z1.max(-1).values], dim=-1))
     _rescale(m, m_new, acc)
-    dz = z1 - z0  # [N, C]
     x0 = z0.sub_(m_new[:, :1])  # [N, C], <= 0
     e0 = torch.exp(x0)
     acc[:, 0].add_(e0.sum(-1))
@@ -112,9 +118,23 @@ def _fold(z0: torch.Tensor, z1: torch.Tensor, m: torch.Tensor, acc: torch.Tensor
     m.copy_(m_new)
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, cdt: torch.dtype, temperature: float) -> torch.Tensor:
-    x = torch.mm(hidden, weight.t()).to(cdt)  # [N, C]; the model's own matmul dtype
-    return x.div_(temperature) if temperature != 1.0 else x
+def _chunk_logits(h0: torch.Tensor, dh: Optional[torch.Tensor], w0: torch.Tensor, w1: Optional[torch.Tensor],
+                  cdt: torch.dtype, inv_t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z0, dz) [N, C] in cdt for one chunk of head rows; dh = h1 - h0 (None: unchanged), w1 None: unchanged.
+
+    dz is formed as dh @ W1.T + h0 @ (W1 - W0).T, never as z1 - z0: its rounding error then scales with |dz|,
+    not with |z| (a bf16 or TF32 z1 - z0 would bury a 1e-3 change under 1e-2 of rounding)."""
+    w0c = w0.to(cdt)
+    z0 = torch.mm(h0, w0c.t())
+    dz = torch.zeros_like(z0)
+    if dh is not None:
+        dz.addmm_(dh, (w0c if w1 is None else w1.to(cdt)).t())
+    if w1 is not None:
+        dz.addmm_(h0, (w1.to(cdt) - w0c).t())
+    if inv_t != 1.0:
+        z0.mul_(inv_t)
+        dz.mul_(inv_t)
+    return z0, dz
 
 
 @torch.no_grad()
@@ -168,12 +188,15 @@ def entropy_change(
         raise ValueError(f"vocab_size={vocab_size}: must be in (0, {size * vl}] (TP size {size} x shard rows {vl})")
     n_valid = vl if vocab_size is None else max(0, min(vl, vocab_size - vocab_start))
     cdt, dev = compute_dtype(hidden_old.dtype), hidden_old.device
+    h0 = hidden_old.to(cdt)
+    dh = None if hidden_new is hidden_old else hidden_new.to(cdt) - h0  # [N, H]
     m = torch.full((n, 2), float("-inf"), dtype=cdt, device=dev)
     acc = torch.zeros(n, 6, dtype=cdt, device=dev)
     for c0 in range(0, n_valid, chunk_size):
         c1 = min(c0 + chunk_size, n_valid)
-        _fold(_logits(hidden_old, weight_old[c0:c1], cdt, temperature),
-              _logits(hidden_new, weight_new[c0:c1], cdt, temperature), m, acc)
+        z0, dz = _chunk_logits(h0, dh, weight_old[c0:c1], None if weight_new is weight_old else weight_new[c0:c1],
+                               cdt, 1.0 / temperature)
+        _fold(z0, dz, m, acc)
     m_glob = all_reduce_max(m.clone(), tp_group)  # collective 1
     _rescale(m, m_glob, acc)
     s0, a0, b, c, s1, a1 = global_sum(acc, tp_group).unbind(-1)  # collective 2
