@@ -25,6 +25,11 @@ import pytest
 from megaent.algorithms.entropy_controller import EntropyController, target_entropy_at
 
 STEPS = 200
+CFG = dict(ratio_min=1e-5, ratio_max=0.1, ki=1.0, kp=5.0, knob="kl_cov_ratio")  # the proposed config defaults
+
+
+def make(**kw) -> EntropyController:
+    return EntropyController(**{**CFG, **kw})
 
 
 def simulate(ctrl, *, seed=0, steps=STEPS, h0=1.0, c=0.05, d=0.08, k_half=2e-3, drift=0.003, first=1,
@@ -56,7 +61,7 @@ PROCESSES = {"default": {}, "fast_collapse": dict(c=0.12, d=0.15), "weak_knob": 
 @pytest.mark.parametrize("target", [0.3, 0.6, 1.2])
 def test_tracks_constant_target_within_15_percent(process, target):
     for seed in range(3):
-        ctrl = EntropyController(ratio=2e-3, target=target)
+        ctrl = make(ratio=2e-3, target=target)
         hs, ks = simulate(ctrl, seed=seed, **PROCESSES[process])
         assert last_half_deviation(hs, lambda t: target) < 0.15, (seed, hs[STEPS // 2:])
         assert all(1e-5 <= k <= 0.1 for k in ks)
@@ -69,13 +74,13 @@ def test_fixed_ratio_misses_the_target():
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_tracks_schedule(schedule):
-    ctrl = EntropyController(ratio=2e-3, target=1.0, final=0.4, schedule=schedule, total_steps=STEPS)
+    ctrl = make(ratio=2e-3, target=1.0, final=0.4, schedule=schedule, total_steps=STEPS)
     hs, _ = simulate(ctrl)
     assert last_half_deviation(hs, ctrl.target_at) < 0.15
 
 
 def test_bounded_and_no_windup():
-    ctrl = EntropyController(ratio=2e-3, target=1.9, ratio_min=1e-4, ratio_max=5e-3)  # 1.9 is out of reach
+    ctrl = make(ratio=2e-3, target=1.9, ratio_min=1e-4, ratio_max=5e-3)  # 1.9 is out of reach
     hs, ks = simulate(ctrl, steps=100)
     assert all(1e-4 <= k <= 5e-3 for k in ks) and ks[-1] == pytest.approx(5e-3)
     ctrl.target = 0.6  # back within reach: the ratio must leave the bound within a few steps
@@ -86,22 +91,22 @@ def test_bounded_and_no_windup():
 def test_resume_continues_identically():
     rng = random.Random(5)
     inputs = [(t, 0.3 + rng.random(), rng.gauss(0, 0.03)) for t in range(1, 101)]
-    full = EntropyController(ratio=2e-3, target=0.5)
+    full = make(ratio=2e-3, target=0.5)
     want = [full.update(step=t, entropy=h, pred_dH=p) for t, h, p in inputs]
-    first = EntropyController(ratio=2e-3, target=0.5)
+    first = make(ratio=2e-3, target=0.5)
     got = [first.update(step=t, entropy=h, pred_dH=p) for t, h, p in inputs[:40]]
-    resumed = EntropyController(ratio=1e-2, target=0.5)  # the checkpoint's state overrides the config's ratio
+    resumed = make(ratio=1e-2, target=0.5)  # the checkpoint's state overrides the config's ratio
     resumed.load_state_dict(first.state_dict())
     got += [resumed.update(step=t, entropy=h, pred_dH=p) for t, h, p in inputs[40:]]
     assert got == want
 
 
 def test_metrics_and_direction():
-    ctrl = EntropyController(ratio=2e-3, target=0.5, knob="clip_cov_ratio")
+    ctrl = make(ratio=2e-3, target=0.5, knob="clip_cov_ratio")
     out = ctrl.update(step=1, entropy=0.4, pred_dH=-0.05)  # below target and falling: raise the ratio
     assert out["controller/clip_cov_ratio"] > 2e-3 and out["controller/error"] == pytest.approx(0.2)
     assert out["controller/target_entropy"] == 0.5
-    ctrl = EntropyController(ratio=2e-3, target=0.5)
+    ctrl = make(ratio=2e-3, target=0.5)
     assert ctrl.update(step=1, entropy=0.8, pred_dH=0.02)["controller/kl_cov_ratio"] < 2e-3
 
 
@@ -115,4 +120,4 @@ def test_target_schedules():
     with pytest.raises(ValueError, match="target_entropy_schedule='exp'"):
         target_entropy_at(1, start=1.0, schedule="exp")
     with pytest.raises(ValueError, match="target_entropy=-1"):
-        EntropyController(ratio=2e-3, target=-1.0)
+        make(ratio=2e-3, target=-1.0)

@@ -60,11 +60,12 @@ class EntropyController:
         ki: gain on the relative forecast error, in log-ratio per unit relative error.
         kp: gain on the relative rate error, in log-ratio per unit (dT - dH) / T.
         knob: the config key of the fraction, used in the metrics' names only.
+    The bounds and gains have no defaults here: they come from the config schema (ki = 1, kp = 5 there).
     """
 
-    def __init__(self, *, ratio: float, target: float, final: Optional[float] = None,
-                 schedule: TargetSchedule = "constant", total_steps: int = 1, ratio_min: float = 1e-5,
-                 ratio_max: float = 0.1, ki: float = 1.0, kp: float = 5.0, knob: str = "kl_cov_ratio") -> None:
+    def __init__(self, *, ratio: float, target: float, ratio_min: float, ratio_max: float, ki: float, kp: float,
+                 knob: str, final: Optional[float] = None, schedule: TargetSchedule = "constant",
+                 total_steps: int = 1) -> None:
         if not 0 < ratio_min <= ratio_max:
             raise ValueError(f"entropy controller bounds [{ratio_min}, {ratio_max}]: need 0 < min <= max")
         if target <= 0 or (final is not None and final <= 0):
