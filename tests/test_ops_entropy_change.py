@@ -212,3 +212,9 @@ def test_bad_inputs_name_the_problem():
         entropy_change(h0, h1, w0, w1, vocab_size=2000)
     with pytest.raises(ValueError, match="budget=0"):
         sample_positions(torch.ones(3, dtype=torch.bool), 0, torch.Generator())
+
+
+def test_outputs_stay_on_the_inputs_device():
+    h, w = torch.randn(4, 8, device="meta"), torch.randn(10, 8, device="meta")  # no compute, only placement
+    out = entropy_change(h, h + 1, w, w + 1, vocab_size=9, chunk_size=3)
+    assert all(t.device.type == "meta" and t.shape == (4,) for t in out)
