@@ -178,21 +178,6 @@ def _window_refusals(hf_dir: str, st) -> dict:
     return errors
 
 
-def _moe_on_cpu() -> None:
-    """Two CPU gaps of megatron-core 0.16.1's MoE router, closed for this test process only (megaent's CPU backend,
-    megaent/parallel/cpu_backend.py, does not cover megatron.core.transformer.moe yet): `TopKRouter.gating` moves
-    a CPU weight to `torch.cuda.current_device()`, and `moe_utils.router_gating_linear` reads the name
-    `te_general_gemm`, undefined without Transformer Engine (None selects its plain matmul)."""
-    from megatron.core.transformer.moe import moe_utils
-
-    from megaent.parallel import cpu_backend
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
-    if "megatron.core.transformer.moe.router" not in cpu_backend.MODULES:
-        cpu_backend.MODULES = (*cpu_backend.MODULES, "megatron.core.transformer.moe.router")
-
-
 def _own_refuses_moe(hf_dir: str, st) -> str:
     from megaent.model import load_hf
 
@@ -229,7 +214,6 @@ def _spawned(rank: int, world: int, dirs: dict[str, str], out_dir: str, inp: dic
     from megaent.model import load_hf, save_hf
     from megaent.parallel import init_parallel
 
-    _moe_on_cpu()
     res: dict = {}
     for fam in LAYOUT_FAMILIES:
         for tp, pp in LAYOUTS:

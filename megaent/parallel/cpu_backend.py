@@ -153,6 +153,7 @@ MODULES = (
     "megatron.core.optimizer.clip_grads",
     "megatron.core.optimizer.distrib_optimizer",
     "megatron.core.transformer.utils",
+    "megatron.core.transformer.moe.router",
 )
 """Modules whose global `torch` is redirected (mechanism 1): their `torch.cuda.*` and `device="cuda"` sites."""
 
@@ -322,8 +323,11 @@ def _scoped(fn: Callable) -> Callable:
     return run
 
 
+_ABSENT = object()
+
+
 def _patch(owner: Any, name: str, value: Any) -> None:
-    _saved.append((owner, name, inspect.getattr_static(owner, name)))
+    _saved.append((owner, name, inspect.getattr_static(owner, name, _ABSENT)))
     setattr(owner, name, value)
 
 
@@ -347,6 +351,9 @@ def enable() -> None:
     _patch(rng, "_get_cuda_rng_state", _cpu_get_cuda_rng_state)
     _patch(rng, "_set_cuda_rng_state", _cpu_set_cuda_rng_state)
     logging.getLogger(rng.__name__).addFilter(_FORK_FILTER)
+    moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
+    if not hasattr(moe_utils, "te_general_gemm"):  # read by router_gating_linear; defined only when TE imports
+        _patch(moe_utils, "te_general_gemm", None)
     for module, qualname in FUNCTIONS:
         owner, name = _resolve(module, qualname)
         raw = inspect.getattr_static(owner, name)
@@ -369,7 +376,10 @@ def disable() -> None:
     """Undo `enable()` (tests)."""
     while _saved:
         owner, name, value = _saved.pop()
-        setattr(owner, name, value)
+        if value is _ABSENT:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, value)
     logging.getLogger("megatron.core.tensor_parallel.random").removeFilter(_FORK_FILTER)
 
 
