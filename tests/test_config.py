@@ -121,7 +121,7 @@ BAD = {
     "trainer.prompts_per_step": "0", "trainer.mini_batch_size": "5", "trainer.ppo_epochs": "0",
     "trainer.max_tokens_per_micro_batch": "0", "trainer.share_prompt_prefix": "maybe",
     "trainer.checkpoint_every": "-1", "trainer.keep_last": "0", "trainer.verify_checkpoints": "maybe",
-    "trainer.dynamics_every": "-2", "trainer.samples_to_log": "-1", "trainer.quiet": "maybe",
+    "trainer.dynamics_every": "-2", "trainer.dynamics_budget": "-1", "trainer.samples_to_log": "-1", "trainer.quiet": "maybe",
     "trainer.wandb_project": ANY,  # any name; wandb checks it
     "trainer.export_hf_every": "-1", "trainer.threads": "-1", "trainer.keep_freed_memory": "maybe",
     "slurm.nodes": "0", "slurm.gpus_per_node": "-1", "slurm.tasks_per_node": "-1", "slurm.rollout_nodes": "-1",

@@ -209,6 +209,9 @@ class TrainerConfig:
     """Check every checkpoint file's SHA-256 digest before a resume loads it (false = skip, for speed)."""
     dynamics_every: int = 1
     """Steps between entropy-dynamics diagnostics (predicted vs measured entropy change; 0 = off)."""
+    dynamics_budget: int = 4096
+    """Response positions per step and DP rank of the exact entropy-change probe (-Cov(log pi, dz) of the update
+    vs the measured dH on the same positions, `dynamics/exact_*`); 0 = off."""
     samples_to_log: int = 4
     """Generations written to samples.jsonl per step."""
     quiet: bool = False

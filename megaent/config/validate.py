@@ -83,6 +83,7 @@ RULES: dict[str, Rule] = {
     "trainer.checkpoint_every": _at_least(0, " (0 = only at the end and on signals)"),
     "trainer.keep_last": _at_least(1),
     "trainer.dynamics_every": _at_least(0, " (0 = off)"),
+    "trainer.dynamics_budget": _at_least(0, " (0 = off)"),
     "trainer.samples_to_log": _at_least(0),
     "trainer.export_hf_every": _at_least(0, " (0 = only at the end)"),
     "trainer.threads": _at_least(0, " (0 = torch's default)"),

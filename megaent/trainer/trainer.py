@@ -206,15 +206,24 @@ class Trainer:
         mbs = self._micro_batches(mine)
         n_mini = t.prompts_per_step // t.mini_batch_size
         update_stats: list[dict[str, float]] = []
+        probe = None
+        if t.dynamics_every and step % t.dynamics_every == 0 and t.dynamics_budget > 0:
+            from megaent.trainer.entropy_probe import EntropyProbe
+
+            probe = EntropyProbe(self.policy, st, mbs, budget=t.dynamics_budget, temperature=temp,
+                                 seed=components.derive_seed(t.seed, step, st.dp_rank, 7))
+        hook = (lambda which: probe.hook(which)) if probe is not None else (lambda which: None)  # noqa: E731
         # One PPO update per rollout: the training forward's detached log-probs are the old ones (no extra pass).
         on_policy = t.ppo_epochs == 1 and n_mini == 1 and cfg.algorithm.policy_loss == "ppo"
         if on_policy:
             gen = torch.Generator().manual_seed(components.derive_seed(t.seed, step, 0, 0))
             update_stats.append(train_mini_batch(self.engine, mbs, loss_cfg=cfg.algorithm, state=st, generator=gen,
-                                                 temperature=temp, old_from_current=True, lr=self._lr()))
+                                                 temperature=temp, old_from_current=True, lr=self._lr(),
+                                                 on_hidden=hook("old")))
             old = logprobs_by_uid(mbs, samples=mine)
         else:
-            old = compute_logprobs(self.engine, mbs, state=st, temperature=temp, fill_old=True, samples=mine)
+            old = compute_logprobs(self.engine, mbs, state=st, temperature=temp, fill_old=True, samples=mine,
+                                   on_hidden=hook("old"))
         before = batch_metrics(mbs, state=st)
         metrics = dict(before)
         metrics.update(self._consistency(old))
@@ -235,9 +244,13 @@ class Trainer:
             metrics["lr"] = update_stats[-1]["lr"]
             metrics["optimizer/updates"] = float(len(update_stats))
         if t.dynamics_every and step % t.dynamics_every == 0:
-            compute_logprobs(self.engine, mbs, state=st, temperature=temp, fill_old=False, samples=mine)
+            compute_logprobs(self.engine, mbs, state=st, temperature=temp, fill_old=False, samples=mine,
+                             on_hidden=hook("new"))
             after = batch_metrics(mbs, state=st)
             metrics.update(self.dynamics.observe(before, after, lr=metrics.get("lr", cfg.optimizer.lr)))
+            if probe is not None:
+                exact = probe.result()
+                metrics.update(self.dynamics.observe_exact(exact["pred_dH"], exact["dH"]))
         return metrics
 
     def _consistency(self, old: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:

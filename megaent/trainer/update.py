@@ -136,7 +136,8 @@ def _global_selection(engine: Engine, mbs: Sequence[MicroBatch], *, loss_cfg: Lo
 
 def train_mini_batch(engine: Engine, micro_batches: Sequence[MicroBatch], *, loss_cfg: LossConfig,
                      state: ParallelState, generator: Optional[torch.Generator] = None, temperature: float = 1.0,
-                     old_from_current: bool = False, lr: Optional[float] = None) -> dict[str, float]:
+                     old_from_current: bool = False, lr: Optional[float] = None,
+                     on_hidden: Optional[Callable[[int, torch.Tensor], None]] = None) -> dict[str, float]:
     """One optimizer update on this rank's micro-batches of a mini-batch (see the module docstring).
 
     micro_batches: this DP rank's share, packed (`make_micro_batches`, equal count on all DP ranks, on the
@@ -172,7 +173,7 @@ def train_mini_batch(engine: Engine, micro_batches: Sequence[MicroBatch], *, los
                            entropy=ent if loss_cfg.entropy_coef != 0.0 else ent.detach(), ref_logprobs=ref)
 
     per_mb = forward_backward(engine, micro_batches, loss_fn, temperature=temperature,
-                              entropy_grad=loss_cfg.entropy_coef != 0.0)
+                              entropy_grad=loss_cfg.entropy_coef != 0.0, on_hidden=on_hidden)
     if old_from_current and state.pp > 1:
         flat = [t for mb in micro_batches for t in (mb.logprobs, mb.entropy)] if state.is_last_stage else None
         flat = _broadcast_from_last_stage(flat, [mb.mask for mb in micro_batches for _ in range(2)], state=state)
