@@ -40,11 +40,7 @@ RUN_PATHS = ("runs/try", "runs/demo/grpo_seed0", "runs/demo/grpo_seed1", "runs/d
 USAGE_ERRORS = {"--tp 2 --pp 2": "torchrun"}
 # lines that fail today for a bug outside this test's reach: run, and expected to fail until fixed (strict)
 # verb prefix -> (the error text that marks this bug, the bug); any other failure still fails the test
-KNOWN_BROKEN = {
-    "megaent eval": ("object has no attribute 'layers'",
-                     "embedded engine's new_kv_cache reads GPTPolicy.layers (megaent/model/cache.py), an "
-                     "AttributeError since the engine moved onto megatron-core's GPTModel"),
-}
+KNOWN_BROKEN: dict[str, tuple[str, str]] = {}  # command prefix -> (stderr text, why); empty: all work
 # the README's "dotted overrides" form, appended to train lines so the run takes seconds
 SMALL = ["rollout.n_samples=4", "rollout.max_new_tokens=4", "trainer.prompts_per_step=4", "trainer.mini_batch_size=2",
          "trainer.ppo_epochs=1", "trainer.quiet=true", "trainer.steps=4", "trainer.checkpoint_every=2"]

@@ -92,7 +92,10 @@ def run_eval(cfg, hf_dir: Optional[Path], *, n: int, ks: list[int], prompts: int
         if hf_dir is None:
             hf_dir = components.prepare_policy_dir(cfg, run_dir=Path("."), state=state)
         tok = components.load_tokenizer(hf_dir)
-        policy = components.load_policy(cfg.model, hf_dir, state=state)
+        # Generation only: megaent's inference decoder (KV cache) on the checkpoint, as the embedded rollout uses.
+        from megaent.model import load_hf
+
+        policy = load_hf(str(hf_dir), state, dtype=getattr(torch, cfg.model.dtype))
         eos = components.eos_ids(tok, hf_dir)
         engine = EmbeddedEngine(policy, state, eos_token_ids=eos, seed=cfg.trainer.seed)
         # Held-out evaluation stream: another seed than training uses.
