@@ -25,3 +25,20 @@ def test_eval_bad_target_exits_2(tmp_path):
     p = subprocess.run([sys.executable, "-m", "megaent.cli", "eval", "configs/demo.yaml", "--n", "2", "--k", "4"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "--k 4" in p.stderr
+
+
+def test_eval_of_a_file_smaller_than_prompts_takes_all_of_it(tmp_path):
+    """`megaent eval HF --data FILE` with fewer rows than --prompts (default 64) evaluates the whole file."""
+    import json
+
+    from hf_tiny import make_tiny_hf
+
+    hf = make_tiny_hf(tmp_path / "hf", "qwen2", layers=2, hidden=32)
+    rows = [{"prompt": f"{a}+{a}=", "answer": str(2 * a)} for a in range(5)]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    p = subprocess.run([sys.executable, "-m", "megaent.cli", "eval", str(hf), "--data", str(tmp_path / "p.jsonl"),
+                        "--n", "2", "--k", "1", "rollout.max_new_tokens=3"], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    assert result["prompts"] == 5 and 0.0 <= result["pass@1"] <= 1.0

@@ -140,9 +140,10 @@ def export_hf(policy: Any, state: ParallelState, out: Path) -> Path:
 HELD_OUT_SEED = 1_000_003  # RL draws synthetic problems from another stream than the warm-up trained on
 
 
-def build_prompts(cfg: DataConfig, tokenizer: Any, *, seed: int, batch_size: int) -> Any:
+def build_prompts(cfg: DataConfig, tokenizer: Any, *, seed: int, batch_size: int, cap: bool = False) -> Any:
     """Prompt stream (`next_batch()`, `state_dict()`): the synthetic task when data.path is empty, else the
-    jsonl/parquet dataset, shuffled deterministically from trainer.seed with an exact resume position."""
+    jsonl/parquet dataset, shuffled deterministically from trainer.seed with an exact resume position.
+    cap: a batch larger than the dataset becomes the whole dataset (evaluation) instead of an error."""
     from megaent.data.loader import PromptLoader
     from megaent.data.prompts import DataError
     from megaent.data.prompts import build_prompts as build_dataset
@@ -150,7 +151,8 @@ def build_prompts(cfg: DataConfig, tokenizer: Any, *, seed: int, batch_size: int
     try:
         # The offset only moves the synthetic task's problem stream (a file ignores the seed).
         ds = build_dataset(cfg, tokenizer=tokenizer, seed=seed + HELD_OUT_SEED)
-        return PromptLoader(ds, batch_size=batch_size, seed=seed, shuffle=cfg.shuffle)
+        return PromptLoader(ds, batch_size=min(batch_size, len(ds)) if cap else batch_size, seed=seed,
+                            shuffle=cfg.shuffle)
     except (DataError, ValueError) as exc:  # missing file, malformed rows, too few prompts: the user's data to fix
         raise ConfigError(str(exc)) from None
 

@@ -99,7 +99,8 @@ def run_eval(cfg, hf_dir: Optional[Path], *, n: int, ks: list[int], prompts: int
         eos = components.eos_ids(tok, hf_dir)
         engine = EmbeddedEngine(policy, state, eos_token_ids=eos, seed=cfg.trainer.seed)
         # Held-out evaluation stream: another seed than training uses.
-        stream = components.build_prompts(cfg.data, tok, seed=cfg.trainer.seed + 7919, batch_size=prompts)
+        stream = components.build_prompts(cfg.data, tok, seed=cfg.trainer.seed + 7919, batch_size=prompts,
+                                          cap=True)  # --prompts larger than the file: all of it
         batch = stream.next_batch()
         params = SamplingParams(n=n, max_new_tokens=cfg.rollout.max_new_tokens,
                                 temperature=cfg.rollout.temperature if temperature is None else temperature,
