@@ -7,7 +7,10 @@
 - the repetition penalty against HF `transformers`' `RepetitionPenaltyLogitsProcessor` fed the output tokens
   (its `input_ids`; SGLang does not count the prompt, so we pass none);
 - min_p: the set of tokens `sample_next` can draw against HF's `MinPLogitsWarper` on logits / T, and the
-  sampled frequencies against the renormalised distribution on that set (float64, plain Python).
+  sampled frequencies against the renormalised distribution on that set (float64, plain Python);
+- the embedded engine's decode loop (once SamplingParams carries the fields: `protocol.ENGINE_PENALTIES`)
+  against a per-row greedy loop over a tiny random HF model's logits with the reference penalties, and
+  sampled rows' tokens / log-probs against min_p and log softmax of the penalised logits of an HF forward.
 
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_rollout_penalties.py
 """
@@ -17,7 +20,9 @@ import pytest
 import torch
 
 from megaent.rollout.penalties import PenaltyRows, apply_penalties, dense_bias
+from megaent.rollout.protocol import ENGINE_PENALTIES
 from megaent.rollout.sampling import counter_uniform, row_keys, sample_next
+from megaent.rollout.types import SamplingParams
 
 
 def _ref_row(logits: list[float], output: list[int], *, rep: float, freq: float, pres: float,
@@ -153,3 +158,90 @@ def test_min_p_mixed_batch_and_off_rows():
     tok1, _ = sample_next(logits, min_p=torch.tensor([0.9, 0.0, 0.0, 0.0]), **kw)
     p = torch.softmax(logits[0], -1)
     assert float(p[tok1[0]]) >= 0.9 * float(p.max())
+
+
+# ---------------------------------------------------------------- the embedded engine's decode loop
+engine_ready = pytest.mark.skipif(not ENGINE_PENALTIES, reason="megaent.rollout.types.SamplingParams has no "
+                                  "penalty fields yet (the embedded decode loop does not apply them)")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from hf_tiny import make_tiny_hf
+    from transformers import AutoModelForCausalLM
+
+    from megaent.parallel import init_parallel
+    from megaent.rollout.embedded import EmbeddedEngine
+
+    hf_dir = make_tiny_hf(tmp_path_factory.mktemp("pen") / "m", "qwen2", vocab_size=320, layers=2, seed=4)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    return EmbeddedEngine.from_hf(hf_dir, init_parallel(1, 1)), model
+
+
+def _hf_reference(model, prompt, n_new, *, temperature=0.0, **pen):
+    """Greedy decode (or, given output ids, teacher forcing) with the per-row reference penalties on HF logits."""
+    out, lps = [], []
+    bias = dict(pen.pop("logit_bias", ()))
+    for _ in range(n_new):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + out])).logits[0, -1].double()
+        z = torch.tensor(_ref_row(logits.tolist(), out, rep=pen.get("repetition_penalty", 1.0),
+                                  freq=pen.get("frequency_penalty", 0.0), pres=pen.get("presence_penalty", 0.0),
+                                  bias=bias), dtype=torch.float64)
+        t = int(z.argmax())
+        out.append(t)
+        lps.append(float(torch.log_softmax(z, -1)[t]))
+    return out, lps
+
+
+CASES = [  # (prompt, penalty options); greedy, 10 tokens, EOS ignored
+    ([5, 17, 33, 8], dict(repetition_penalty=1.8)),
+    ([40, 41], dict(frequency_penalty=1.5, presence_penalty=0.5)),
+    ([7, 7, 9, 60, 61], dict(repetition_penalty=0.6, presence_penalty=-0.3)),
+    ([99], dict(logit_bias=((3, 4.0), (17, -50.0)), repetition_penalty=1.3)),
+    ([5, 17, 33, 8], dict()),
+]
+
+
+@engine_ready
+def test_engine_greedy_with_penalties_matches_hf_reference(tiny):
+    """One mixed batch (neutral and penalised rows, rows of different lengths, so compaction runs) against a
+    per-row HF greedy loop with the Python reference penalties; log-probs are log softmax of the penalised
+    logits (SGLang's)."""
+    engine, model = tiny
+    jobs = [([p], SamplingParams(max_new_tokens=10 - 3 * (k % 2), temperature=0.0, ignore_eos=True, **pen))
+            for k, (p, pen) in enumerate(CASES)]
+    got = engine.generate_many(jobs)
+    plain = engine.generate([CASES[0][0]], SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True))
+    for k, ((p, pen), out) in enumerate(zip(CASES, got)):
+        s = out[0][0]
+        ref_ids, ref_lps = _hf_reference(model, p, 10 - 3 * (k % 2), **pen)
+        assert s.output_ids == ref_ids, (k, pen)
+        # fp32 engine vs an fp64 softmax of HF's fp32 logits: forward summation order, ~1e-6
+        torch.testing.assert_close(torch.tensor(s.logprobs, dtype=torch.float64),
+                                   torch.tensor(ref_lps, dtype=torch.float64), rtol=0, atol=2e-5)
+    assert plain[0][0].output_ids != got[0][0][0].output_ids, "repetition_penalty=1.8 changed nothing"
+
+
+@engine_ready
+def test_engine_sampled_rows_with_min_p_and_penalties(tiny):
+    """Sampled rows: each token is allowed by min_p on the penalised softmax(z / T) of an HF forward, and its
+    log-prob is log softmax(z / T) there; the same seed gives the same samples alone or in a batch."""
+    engine, model = tiny
+    pen = dict(frequency_penalty=0.7, repetition_penalty=1.2, logit_bias=((9, 2.0),))
+    params = SamplingParams(n=3, max_new_tokens=8, temperature=0.8, min_p=0.1, ignore_eos=True, seed=11, **pen)
+    prompt = [5, 17, 33, 8]
+    alone = engine.generate([prompt], params)[0]
+    batched = engine.generate_many([([[40, 41]], SamplingParams(max_new_tokens=3)), ([prompt], params)])[1][0]
+    assert [s.output_ids for s in alone] == [s.output_ids for s in batched]
+    for s in alone:
+        out = []
+        for t, lp in zip(s.output_ids, s.logprobs):
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + out])).logits[0, -1].double()
+            z = torch.tensor(_ref_row(logits.tolist(), out, rep=1.2, freq=0.7, pres=0.0, bias={9: 2.0}),
+                             dtype=torch.float64) / 0.8
+            p = torch.softmax(z, -1)
+            assert float(p[t]) >= 0.1 * float(p.max()) * (1 - 1e-5), "drew a token min_p removes"
+            assert abs(float(torch.log_softmax(z, -1)[t]) - lp) < 2e-5
+            out.append(t)

@@ -30,7 +30,7 @@ one scatter-add per decode step, no Python loop over rows or vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
@@ -88,6 +88,14 @@ class PenaltyRows:
         counts = torch.zeros(len(repetition) if penalise else 0, vocab_size, dtype=torch.float32, device=device)
         return cls(counts=counts, repetition=f(repetition), frequency=f(frequency), presence=f(presence),
                    bias=bias, penalise=penalise)
+
+    @classmethod
+    def for_params(cls, params: Sequence[Any], *, vocab_size: int, device: torch.device) -> Optional["PenaltyRows"]:
+        """`build` from one SamplingParams-like object per row (fields repetition_penalty, frequency_penalty,
+        presence_penalty, logit_bias as (id, bias) pairs)."""
+        return cls.build(repetition=[p.repetition_penalty for p in params],
+                         frequency=[p.frequency_penalty for p in params], presence=[p.presence_penalty for p in params],
+                         logit_bias=[dict(p.logit_bias) for p in params], vocab_size=vocab_size, device=device)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [B, V] (any float dtype) -> transformed logits [B, V] fp32."""

@@ -12,12 +12,19 @@ most 256 bytes; `sampling_seed` in int64); `entrypoints/http_server.py`
 (finish reasons `{"type": "stop", "matched": token id | stop string | regex}`,
 `{"type": "length", "length": n}`, `{"type": "abort", "message"}`).
 
+Penalties (`repetition_penalty` in (0, 2], `frequency_penalty` and
+`presence_penalty` in [-2, 2]), `min_p` in [0, 1] and `logit_bias` (token-id
+string keys in [0, V), finite values) are checked with `verify()`'s ranges and
+sampled with SGLang's semantics (`megaent.rollout.penalties`, `sampling.sample_next`)
+once the engine's `SamplingParams` carries them (`ENGINE_PENALTIES`); until then
+a non-neutral value is a 400 naming the field.
+
 Where megaent departs (the engine samples with temperature / top-p / top-k and
 token stops only): stop strings, stop regexes and `min_new_tokens` are applied
 to the finished decode by `megaent.rollout.generation` (same results as SGLang
 for stop strings; `min_new_tokens` cannot forbid an early EOS, it only refuses
-to stop on it); penalties, `min_p`, a non-empty `logit_bias` and grammars
-(regex / json_schema / ebnf) are a 400 naming the field; `ignore_eos` ignores EOS only
+to stop on it); grammars (regex / json_schema / ebnf) are a 400 naming the
+field; `ignore_eos` ignores EOS only
 (SGLang's also ignores `stop_token_ids`; megaent's trainer relies on stop ids with ignore_eos). Unknown top-level and
 sampling keys are ignored (logged at debug), as SGLang ignores fields it does
 not use; values of known fields are checked and a bad one is a 400 naming it.
@@ -47,6 +54,8 @@ MAX_STOP = 32
 MAX_STOP_REGEX_BYTES = 256
 INT64 = 2**63
 _NEUTRAL = {"min_p": 0.0, "frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0}
+# The engine's SamplingParams takes the penalty fields (megaent.rollout.types; see the module docstring).
+ENGINE_PENALTIES = all(k in SamplingParams.__dataclass_fields__ for k in (*_NEUTRAL, "logit_bias"))
 _GRAMMARS = ("regex", "json_schema", "ebnf", "structural_tag")
 
 
@@ -170,18 +179,10 @@ def parse_sampling_params(sp: Any, *, where: str = "sampling_params.", vocab_siz
     sp = {} if sp is None else sp
     if not isinstance(sp, dict):
         raise BadRequest(f"{where[:-1]}: expected a JSON object, got {type(sp).__name__}")
-    for key, neutral in _NEUTRAL.items():
-        v = sp.get(key)
-        if v is not None and v != neutral:
-            get_float(sp, key, neutral, where=where, lo=-2.0, hi=2.0)  # a malformed value reads as such
-            raise BadRequest(f"{where}{key}={v!r}: megaent serve samples without logit penalties; "
-                             f"leave it at {neutral} (or use SGLang)")
     for key in _GRAMMARS:
         if sp.get(key):
             raise BadRequest(f"{where}{key}: constrained decoding is not supported by megaent serve; omit it")
-    bias = sp.get("logit_bias")
-    if bias is not None and (not isinstance(bias, dict) or bias):
-        raise BadRequest(f"{where}logit_bias={bias!r}: only an empty map is supported by megaent serve")
+    penalties = _penalties(sp, where=where, vocab_size=vocab_size)
     custom = sp.get("custom_params")
     if custom is not None and not isinstance(custom, dict):
         raise BadRequest(f"{where}custom_params={custom!r}: must be a JSON object")  # no processor reads it here
@@ -218,8 +219,46 @@ def parse_sampling_params(sp: Any, *, where: str = "sampling_params.", vocab_siz
                    no_stop_trim=get_bool(sp, "no_stop_trim", False, where=where))
     ignore_eos = get_bool(sp, "ignore_eos", False, where=where)
     params = SamplingParams(n=n, max_new_tokens=max(1, max_new), temperature=temperature, top_p=top_p, top_k=top_k,
-                            stop_token_ids=tuple(stop_ids), ignore_eos=ignore_eos, seed=seed)
+                            stop_token_ids=tuple(stop_ids), ignore_eos=ignore_eos, seed=seed, **penalties)
     return params, opts
+
+
+def _penalties(sp: dict, *, where: str, vocab_size: int) -> dict:
+    """The penalty / min_p / logit_bias fields of SamplingParams (SGLang `verify()`'s ranges); {} when neutral."""
+    out: dict[str, Any] = {
+        "min_p": get_float(sp, "min_p", 0.0, where=where, lo=0.0, hi=1.0),
+        "repetition_penalty": get_float(sp, "repetition_penalty", 1.0, where=where, lo=0.0, hi=2.0, lo_open=True),
+        "frequency_penalty": get_float(sp, "frequency_penalty", 0.0, where=where, lo=-2.0, hi=2.0),
+        "presence_penalty": get_float(sp, "presence_penalty", 0.0, where=where, lo=-2.0, hi=2.0),
+        "logit_bias": _logit_bias(sp.get("logit_bias"), where=where, vocab_size=vocab_size)}
+    active = {k: v for k, v in out.items() if v != _NEUTRAL.get(k, ())}
+    if not active:
+        return {}
+    if not ENGINE_PENALTIES:
+        key = next(iter(active))
+        raise BadRequest(f"{where}{key}={sp.get(key)!r:.80}: this megaent build's engine samples without logit "
+                         f"penalties, min_p or logit_bias; leave it at {_NEUTRAL.get(key, '{}')}")
+    return out
+
+
+def _logit_bias(bias: Any, *, where: str, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """SGLang's logit_bias {"token id": bias} -> sorted ((id, bias), ...); keys that name the same id: the last wins."""
+    if bias is None:
+        return ()
+    if not isinstance(bias, dict):
+        raise BadRequest(f"{where}logit_bias={bias!r:.80}: must be a JSON object of token id -> bias")
+    out: dict[int, float] = {}
+    for k, v in bias.items():
+        try:
+            t = int(k)
+        except ValueError:
+            raise BadRequest(f"{where}logit_bias: key {k!r:.40} is not a token id") from None
+        if not 0 <= t < vocab_size:
+            raise BadRequest(f"{where}logit_bias: key {k!r:.40} must be a token id in [0, {vocab_size - 1}]")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise BadRequest(f"{where}logit_bias[{k!r:.40}]={v!r:.40}: must be a finite number")
+        out[t] = float(v)
+    return tuple(sorted(out.items()))
 
 
 _SAMPLING_KEYS = {"max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "n", "sampling_seed",
