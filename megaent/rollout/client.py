@@ -136,6 +136,12 @@ class SGLangClient:
                               "skip_special_tokens": False, "no_stop_trim": True}
         if params.seed is not None:
             sp["sampling_seed"] = params.seed + i
+        for key, neutral in (("min_p", 0.0), ("repetition_penalty", 1.0), ("frequency_penalty", 0.0),
+                             ("presence_penalty", 0.0)):
+            if getattr(params, key) != neutral:
+                sp[key] = getattr(params, key)
+        if params.logit_bias:
+            sp["logit_bias"] = {str(t): v for t, v in params.logit_bias}
         return {"input_ids": prompt, "sampling_params": sp, "return_logprob": True}
 
     async def _generate_prompt(self, http: httpx.AsyncClient, i: int, prompt: list[int],

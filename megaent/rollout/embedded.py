@@ -4,7 +4,7 @@ One decode loop serves many requests at once (`generate_many`), each with its
 own sampling options: rows are prompt x sample, prompts are left-padded to one
 length and masked with a key-padding `attention_mask`, the KV cache is
 preallocated for prompt + max new tokens, and every per-row option
-(temperature, top-p, top-k, stop ids, max new tokens, random stream) is a
+(temperature, top-p, top-k, min-p, penalties, stop ids, max new tokens, random stream) is a
 tensor, so a decode step is one forward plus a fixed number of batched ops,
 never a Python loop over rows. Rows that finish stop appending at once; when
 at least half of the live rows have finished, the batch (KV cache included)
@@ -14,7 +14,9 @@ Tensor parallelism: every TP rank runs this same loop in lockstep. The last
 position's vocab-sharded logits [B, Vl] are all-gathered over `tp_group` (one
 all-gather per step, B x V floats) and every rank samples from the same full
 logits with the same counter-based random numbers (`sampling.counter_uniform`),
-so all ranks draw the same tokens without a broadcast.
+so all ranks draw the same tokens without a broadcast. Logit penalties and
+logit_bias (`megaent.rollout.penalties`) transform the full logits before
+sampling, per row, when a row of the batch asks for them.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from megaent.rollout.engine import check_prompts
+from megaent.rollout.penalties import PenaltyRows
 from megaent.rollout.runner import DecodeRunner
 from megaent.rollout.sampling import counter_uniform, row_keys, sample_next
 from megaent.rollout.types import RolloutError, Sample, SamplingParams
@@ -75,6 +78,7 @@ class _Rows:
     temperature: torch.Tensor
     top_p: torch.Tensor
     top_k: torch.Tensor
+    min_p: torch.Tensor
     max_new: torch.Tensor
     stop_ids: torch.Tensor  # [B, K] int64, -1 padded
     keys: torch.Tensor  # random-stream keys
@@ -210,7 +214,8 @@ class EmbeddedEngine:
         rows = _Rows(
             out_row=torch.arange(b, device=host), temperature=f("temperature", torch.float32),
             top_p=f("top_p", torch.float32),
-            top_k=f("top_k", torch.long), max_new=f("max_new_tokens", torch.long), stop_ids=stop_ids,
+            top_k=f("top_k", torch.long), min_p=f("min_p", torch.float32), max_new=f("max_new_tokens", torch.long),
+            stop_ids=stop_ids,
             keys=row_keys(*(torch.tensor([c[i] for c in chunk], device=host) for i in (5, 1, 2))),
             mask=mask, next_pos=mask.sum(-1))
         return _Rows(**{k: v.to(device) for k, v in rows.__dict__.items()}), input_ids.to(device)
@@ -250,7 +255,10 @@ class EmbeddedEngine:
         p_len = max(len(c[3]) for c in chunk)
         m = max(c[4].max_new_tokens for c in chunk)
         rows, input_ids = self._build_rows(chunk, p_len, m, device)
-        any_trunc = any(c[4].top_p < 1.0 or c[4].top_k > 0 for c in chunk)
+        any_min_p = any(c[4].min_p > 0 for c in chunk)
+        any_trunc = any_min_p or any(c[4].top_p < 1.0 or c[4].top_k > 0 for c in chunk)
+        # Penalties and logit_bias (megaent.rollout.penalties): None, and no cost, unless some row uses them.
+        pen = PenaltyRows.for_params([c[4] for c in chunk], vocab_size=self.vocab_size, device=device)
         any_greedy = any(c[4].temperature <= 0 for c in chunk)
         unit_t = all(c[4].temperature == 1.0 for c in chunk)
         out_tok = torch.zeros(b0, m, dtype=torch.long, device=device)
@@ -278,10 +286,15 @@ class EmbeddedEngine:
             logits = logits.index_select(0, expand)
         live = torch.ones(b0, dtype=torch.bool, device=device)
         for t in range(m):
+            if pen is not None:
+                logits = pen.apply(logits)
             tok, lp = sample_next(logits, temperature=rows.temperature, top_p=rows.top_p, top_k=rows.top_k,
                                   uniform=counter_uniform(rows.keys, t), need_truncation=any_trunc,
-                                  any_greedy=any_greedy, unit_temperature=unit_t)
+                                  any_greedy=any_greedy, unit_temperature=unit_t,
+                                  min_p=rows.min_p if any_min_p else None)
             tok = torch.where(live, tok, self.pad_token_id)
+            if pen is not None:
+                pen.update(tok, live)
             out_tok[rows.out_row, t] = tok
             out_lp[rows.out_row, t] = lp
             out_len[rows.out_row] += live.long()
@@ -294,6 +307,7 @@ class EmbeddedEngine:
             if n_live <= live.numel() // 2:
                 idx = live.nonzero().squeeze(-1)
                 rows, tok, live = rows.select(idx), tok.index_select(0, idx), live.index_select(0, idx)
+                pen = pen.select(idx) if pen is not None else None
                 cache.select_(idx)
             rows.mask[:, p_len + t] = True
             if tape is not None:

@@ -15,6 +15,7 @@ temperature 1 and no truncation, where all three coincide).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -45,9 +46,21 @@ class SamplingParams:
     """Do not stop on the tokenizer's EOS (stop_token_ids still stop)."""
     seed: Optional[int] = None
     """Sampling seed (SGLang `sampling_seed`); None = the engine's own running seed."""
+    min_p: float = 0.0
+    """Drop tokens less likely than min_p x the most likely one (on softmax(logits / T)); 0 = off."""
+    repetition_penalty: float = 1.0
+    """In (0, 2]: logits of tokens already in the output are divided by it (multiplied when negative); 1 = off."""
+    frequency_penalty: float = 0.0
+    """In [-2, 2]: subtracted from a logit once per occurrence of its token in the output; 0 = off."""
+    presence_penalty: float = 0.0
+    """In [-2, 2]: subtracted from the logit of every token already in the output; 0 = off."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits after the penalties (megaent.rollout.penalties)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(v)) for t, v in bias)))
         self.validate()
 
     def validate(self, *, prefix: str = "sampling_params") -> None:
@@ -62,6 +75,15 @@ class SamplingParams:
             raise ValueError(f"{prefix}.top_p={self.top_p!r}: must be in (0, 1] (1 = off)")
         if not isinstance(self.top_k, int) or self.top_k < -1:
             raise ValueError(f"{prefix}.top_k={self.top_k!r}: must be an integer >= 1, or -1 / 0 for off")
+        if not (0.0 <= self.min_p <= 1.0):
+            raise ValueError(f"{prefix}.min_p={self.min_p!r}: must be in [0, 1] (0 = off)")
+        if not (0.0 < self.repetition_penalty <= 2.0):
+            raise ValueError(f"{prefix}.repetition_penalty={self.repetition_penalty!r}: must be in (0, 2] (1 = off)")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not (-2.0 <= getattr(self, name) <= 2.0):
+                raise ValueError(f"{prefix}.{name}={getattr(self, name)!r}: must be in [-2, 2] (0 = off)")
+        if any(t < 0 or not math.isfinite(v) for t, v in self.logit_bias):
+            raise ValueError(f"{prefix}.logit_bias: token ids must be >= 0 and biases finite")
         if any(t < 0 for t in self.stop_token_ids):
             raise ValueError(f"{prefix}.stop_token_ids={list(self.stop_token_ids)}: token ids must be >= 0")
 
