@@ -100,11 +100,11 @@ def test_resume_after_kill9_is_exact_and_export_loads(tmp_path, demo_policy):
 
 @pytest.mark.slow
 def test_tp2_and_pp2_first_step_match_tp1(tmp_path, demo_policy):
-    base = ["configs/demo.yaml", f"model.path={demo_policy}", "trainer.steps=1", *SMALL]
+    base = ["configs/demo.yaml", f"model.path={demo_policy}", "trainer.steps=1", "trainer.dynamics_every=1", *SMALL]
     ref = _train([*base, f"trainer.run_dir={tmp_path / 'tp1'}"])
     assert ref.returncode == 0, ref.stderr[-3000:]
     want = _metrics(tmp_path / "tp1")[0]
-    assert want["dynamics/exact_pred_dH"] < 0 and want["dynamics/exact_dH"] < 0  # the exact probe ran (and
+    assert want["dynamics/exact_pred_dH"] != 0 and want["dynamics/exact_dH"] != 0  # the exact probe ran (and
     # below, its sampled positions, vocab-parallel op and pipeline broadcast give TP=1's values at TP=2 / PP=2)
     for name, layout in (("tp2", ["parallel.tp=2"]), ("pp2", ["parallel.pp=2"])):
         p = _torchrun(2, [*base, *layout, f"trainer.run_dir={tmp_path / name}"])
