@@ -7,6 +7,7 @@
     megaent eval TARGET [--data FILE]        pass@1 / pass@k
     megaent fit-law RUN_DIR                  fit R = -a exp(H) + b
     megaent plot RUN_DIR [RUN_DIR ...]       entropy / reward / covariance curves
+    megaent plan CONFIG [key=value ...]      memory per rank of the layout vs the GPU, and what to change
 
 `megaent VERB --help` explains each verb. Options and key=value overrides may come in any order; overrides
 apply left to right after the YAML (the last one wins). User errors (bad config, missing file, wrong
@@ -187,6 +188,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return eval_run(args)
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from megaent.trainer.plan import plan_cli
+
+    return plan_cli(args.config, args.overrides, gpu_mem_gb=args.gpu_mem_gb, world=args.world)
+
+
 def _run_dirs(paths: Sequence[str]) -> list[str]:
     """The run directories among `paths`: a shell glob such as `runs/demo/*_seed*` also matches the runs'
     `.log` files, which are skipped with a note; a path that does not exist, or no directory at all, is an
@@ -302,6 +309,26 @@ band over seeds); files among the arguments (a glob's .log files) are skipped.
     pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (files are skipped)")
     pl.add_argument("--out", default=None, help="PNG path (default FIRST_RUN_DIR/curves.png)")
     pl.set_defaults(fn=_cmd_plot)
+    from megaent.trainer.plan import __doc__ as plan_doc
+
+    pn = sub.add_parser("plan", help="memory per training rank of a config's layout against the GPU",
+                        formatter_class=raw, description=plan_doc.split("\n\n")[0] + """
+
+Per pipeline stage: parameters, fp32 main gradients, optimizer state (sharded over DP by the distributed
+optimizer), activations (per micro-batch, times the micro-batches 1F1B keeps in flight), the fused LM head's
+chunks, one layer's backward workspace and a colocated rollout engine's share; the total against --gpu-mem-gb.
+Exit 0 when it fits; else 1 and the smallest override that fits (recompute, micro-batch tokens, TP, PP).
+Shapes come from model.path/config.json, or for the shipped recipes from their published config (no download).
+
+  megaent plan configs/qwen2.5-7b-grpo.yaml
+  megaent plan configs/qwen2.5-32b-grpo.yaml --gpu-mem-gb 40
+  megaent plan configs/qwen2.5-7b-grpo.yaml parallel.tp=1 model.activation_checkpointing=none""")
+    pn.add_argument("config", help="YAML config (configs/*.yaml)")
+    pn.add_argument("overrides", nargs="*", help="dotted overrides key=value (as megaent train takes them)")
+    pn.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
+    pn.add_argument("--world", type=int, default=None,
+                    help="training ranks (default slurm.nodes x slurm.gpus_per_node of the config)")
+    pn.set_defaults(fn=_cmd_plan)
     p.verbs = sub.choices  # type: ignore[attr-defined]
     return p
 

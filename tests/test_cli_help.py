@@ -32,7 +32,7 @@ def megaent() -> str:
 
 
 def test_every_verb_is_listed():
-    assert set(VERBS) == {"train", "serve", "convert", "submit", "eval", "fit-law", "plot"}
+    assert set(VERBS) == {"train", "serve", "convert", "submit", "eval", "fit-law", "plot", "plan"}
 
 
 @pytest.mark.parametrize("verb", ["", *VERBS])
