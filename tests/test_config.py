@@ -33,6 +33,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
     ("algorithm.clip_cov_ratio=0.5", "the paper uses 2e-4"),
     ("trainer.mini_batch_size=5", "must divide trainer.prompts_per_step"),
     ("optimizer.lr", "expected key=value"),
+    ("algorithm.target_entropy=0.5", "set algorithm.policy_loss=kl_cov or clip_cov"),
 ])
 def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(ConfigError) as exc:
@@ -114,6 +115,10 @@ BAD = {
     "algorithm.loss_agg": "sum", "algorithm.cov_scope": "rank", "algorithm.entropy_coef": "-1",
     "algorithm.kl_coef": "-1", "algorithm.kl_estimator": "k2", "algorithm.advantage": "ppo",
     "algorithm.norm_adv_by_std": "maybe", "algorithm.group_filter": "maybe", "algorithm.group_filter_max_tries": "0",
+    "algorithm.target_entropy": "0", "algorithm.target_entropy_schedule": "step",
+    "algorithm.target_entropy_final": "-1", "algorithm.entropy_controller_ratio_min": "0",
+    "algorithm.entropy_controller_ratio_max": "0.5", "algorithm.entropy_controller_ki": "-1",
+    "algorithm.entropy_controller_kp": "-1",
     "optimizer.lr": "inf", "optimizer.weight_decay": "-1", "optimizer.beta1": "1.0", "optimizer.beta2": "-0.1",
     "optimizer.eps": "0", "optimizer.grad_clip": "-1", "optimizer.warmup_steps": "-1", "optimizer.schedule": "step",
     "optimizer.min_lr_ratio": "2", "optimizer.distributed_optimizer": "maybe",

@@ -89,6 +89,25 @@ def test_predicted_equals_measured_to_second_order(direction):
     assert ((ratio > 3.8) & (ratio < 4.2)).all(), ratio
 
 
+@pytest.mark.parametrize("direction", ["policy_gradient", "random"])
+def test_second_order_term_leaves_a_third_order_error(direction):
+    """-cov + second misses measured dH by O(eta^3): the error at eta is ~8x the error at eta / 2."""
+    def err3(eta):
+        g = torch.Generator().manual_seed(3)
+        z0 = 2.0 * torch.randn(N, 50, generator=g, dtype=torch.float64)
+        u = torch.randn(N, 50, generator=g, dtype=torch.float64)
+        if direction == "policy_gradient":
+            p = torch.softmax(z0, -1)
+            u = p * (u - (p * u).sum(-1, keepdim=True))
+        u = u / u.norm(dim=-1, keepdim=True)
+        eye = torch.eye(50, dtype=torch.float64)
+        out = entropy_change(z0, z0 + eta * u, eye, eye, chunk_size=16)
+        return (out.entropy_new - out.entropy_old + out.cov - out.second).abs()
+
+    ratio = err3(0.04) / err3(0.02)
+    assert ((ratio > 7.0) & (ratio < 9.0)).all(), ratio
+
+
 # ---- against the full-vocab computation ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])

@@ -1,5 +1,5 @@
 """End-to-end `megaent train` on CPU: run directory contents, exact resume after kill -9 (metrics of the
-following steps equal an uninterrupted run bitwise), TP=2 / PP=2 first-step metrics equal TP=1, HF export loads
+following steps, the entropy controller's included, equal an uninterrupted run bitwise), TP=2 / PP=2 first-step metrics equal TP=1, HF export loads
 in `transformers` and generates, one sample per prompt passes the group filter, and user errors exit 2 with one
 line.
 References: an uninterrupted run of the same config (resume), the TP=1 run (layouts), `transformers` (export).
@@ -60,7 +60,10 @@ def _metrics(run_dir):
 
 @pytest.mark.slow
 def test_resume_after_kill9_is_exact_and_export_loads(tmp_path, demo_policy):
-    base = ["configs/demo.yaml", f"model.path={demo_policy}", "trainer.steps=4", *SMALL]
+    # The entropy controller is on (Clip-Cov's r steered to a target above the policy's entropy): its state must
+    # come back from the checkpoint for the resumed metrics to match.
+    ctrl = ["algorithm.target_entropy=1.0", "trainer.dynamics_every=1"]
+    base = ["configs/demo.yaml", f"model.path={demo_policy}", "trainer.steps=4", *SMALL, *ctrl]
     ref = tmp_path / "ref"
     p = _train([*base, f"trainer.run_dir={ref}"])
     assert p.returncode == 0, p.stderr[-3000:]
@@ -72,6 +75,10 @@ def test_resume_after_kill9_is_exact_and_export_loads(tmp_path, demo_policy):
     assert {"config.yaml", "metrics.jsonl", "samples.jsonl", "tb", "checkpoints", "hf_final"} <= {
         x.name for x in ref.iterdir()}
     assert any(r["grad_norm"] > 0 for r in rows), "the policy never got a gradient: the test would prove nothing"
+    used = [r["controller/clip_cov_ratio_used"] for r in rows]
+    assert used[0] == pytest.approx(0.01) and used[2] != pytest.approx(0.01), used  # step 3 after a resume starts from the saved ratio
+    assert all(1e-5 <= u <= 0.1 for u in used) and all(r["controller/target_entropy"] == 1.0 for r in rows)
+    assert all(r["controller/clip_cov_ratio"] == n for r, n in zip(rows, used[1:])), "next ratio = ratio used next"
 
     # Kill -9 once step 2's checkpoint is complete, then resume.
     run = tmp_path / "killed"

@@ -158,6 +158,22 @@ class AlgorithmConfig(LossConfig):
 
 
 @dataclass
+    target_entropy: Optional[float] = None
+    """Entropy controller (`megaent.algorithms.entropy_controller`): target token-mean entropy in nats; each step
+    it sets KL-Cov's kl_cov_ratio or Clip-Cov's clip_cov_ratio (the starting value) from the probe's predicted
+    dH. Needs policy_loss kl_cov/clip_cov and trainer.dynamics_every=1; null = off (fixed ratio)."""
+    target_entropy_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Target over the run: constant, or from target_entropy at step 1 to target_entropy_final at trainer.steps."""
+    target_entropy_final: Optional[float] = None
+    """Target at the last step for a linear/cosine schedule (nats); null = target_entropy throughout."""
+    entropy_controller_ratio_min: float = 1e-5
+    """Entropy controller: smallest ratio (k or r) it may set."""
+    entropy_controller_ratio_max: float = 0.1
+    """Entropy controller: largest ratio (k or r) it may set."""
+    entropy_controller_ki: float = 1.0
+    """Entropy controller: gain on the relative error of the forecast entropy (log-ratio per unit error)."""
+    entropy_controller_kp: float = 5.0
+    """Entropy controller: gain on the relative rate error (target change - predicted dH) / target."""
 class OptimizerConfig:
     lr: float = 1e-6
     """Peak learning rate."""

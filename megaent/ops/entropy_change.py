@@ -21,12 +21,18 @@ Milakov & Gimelshein 2018; the same fold as `megaent.ops.fused_head`, extended b
 
     S0 = sum e0,  A0 = sum e0 x,  B = sum e0 dz,  C = sum e0 x dz     e0 = exp(z0 - m0), x = z0 - m0
     S1 = sum e1,  A1 = sum e1 (z1 - m1)                                e1 = exp(z1 - m1)
+    D = sum e0 dz^2,  E = sum e0 x dz^2                                (the second-order term)
 
 then re-bases the shards on the global maxima and sums them:
 
     H_old = log S0 - A0 / S0,  H_new = log S1 - A1 / S1,  Cov = C / S0 - (A0 / S0)(B / S0)
 
-Collectives: 2 all-reduces on `tp_group` (MAX [N, 2], SUM [N, 6]); nothing on any other group. Rows at
+The second-order term of the expansion is also returned: with g = dz - E_pi dz,
+d^2 H along dz = -(Var_pi(dz) + Cov_pi(log pi, g^2)), so H_new - H_old = -Cov + second + O(|dz|^3) with
+second = -1/2 (Var_pi(dz) + Cov_pi(log pi, g^2)). Large steps (many Adam updates at a large lr) make it
+comparable to the first-order term; see docs/entropy-dynamics.md.
+
+Collectives: 2 all-reduces on `tp_group` (MAX [N, 2], SUM [N, 8]); nothing on any other group. Rows at
 global index >= `vocab_size` (TP padding of the head) are never read, whatever they hold. Extra memory
 ~ 6 * N * chunk_size in the compute dtype, plus
 the [N, H] upcast hidden states; never [N, Vl]. No autograd.
@@ -53,6 +59,9 @@ class EntropyChange(NamedTuple):
     """Exact H(pi_old) in nats."""
     entropy_new: torch.Tensor
     """Exact H(pi_new) in nats."""
+    second: torch.Tensor
+    """The second-order term of H(pi_new) - H(pi_old) along dz: -1/2 (Var_pi(dz) + Cov_pi(log pi, g^2)),
+    g = dz - E_pi dz, so H_new - H_old = -cov + second + O(|dz|^3)."""
 
 
 def sample_positions(mask: torch.Tensor, budget: int, generator: torch.Generator
@@ -92,15 +101,15 @@ def _rebase(m: torch.Tensor, m_new: torch.Tensor, s: torch.Tensor, *pairs: tuple
 
 
 def _rescale(m: torch.Tensor, m_new: torch.Tensor, acc: torch.Tensor) -> None:
-    """Re-base acc [N, 6] = (S0, A0, B, C, S1, A1) from maxima m [N, 2] (old, new policy) to m_new [N, 2]."""
-    s0, a0, b, c, s1, a1 = acc.unbind(-1)  # views: updated in place
-    _rebase(m[:, 0], m_new[:, 0], s0, (s0, a0), (b, c))
+    """Re-base acc [N, 8] = (S0, A0, B, C, S1, A1, D, E) from maxima m [N, 2] (old, new policy) to m_new [N, 2]."""
+    s0, a0, b, c, s1, a1, d, e = acc.unbind(-1)  # views: updated in place
+    _rebase(m[:, 0], m_new[:, 0], s0, (s0, a0), (b, c), (d, e))
     _rebase(m[:, 1], m_new[:, 1], s1, (s1, a1))
 
 
 def _fold(z0: torch.Tensor, dz: torch.Tensor, m: torch.Tensor, acc: torch.Tensor) -> None:
     """Fold one chunk's old logits z0 and change dz [N, C] (z0 consumed) into the running maxima m [N, 2]
-    and sums acc [N, 6], in place."""
+    and sums acc [N, 8], in place."""
     z1 = z0 + dz  # [N, C]
     m_new = torch.maximum(m, torch.stack([z0.max(-1).values, z1.max(-1).values], dim=-1))
     _rescale(m, m_new, acc)
@@ -110,7 +119,9 @@ def _fold(z0: torch.Tensor, dz: torch.Tensor, m: torch.Tensor, acc: torch.Tensor
     t = e0 * x0
     acc[:, 1].add_(t.sum(-1))
     acc[:, 3].add_(t.mul_(dz).sum(-1))
+    acc[:, 7].add_(t.mul_(dz).sum(-1))
     acc[:, 2].add_(e0.mul_(dz).sum(-1))
+    acc[:, 6].add_(e0.mul_(dz).sum(-1))
     x1 = z1.sub_(m_new[:, 1:])
     e1 = torch.exp(x1)
     acc[:, 4].add_(e1.sum(-1))
@@ -168,7 +179,7 @@ def entropy_change(
         EntropyChange(cov, entropy_old, entropy_new), each [N] fp32 (fp64 for fp64 hidden), identical on
         all ranks of `tp_group`, on the inputs' device.
 
-    Collectives: 2 all-reduces on `tp_group` (MAX [N, 2], SUM [N, 6]). No host sync.
+    Collectives: 2 all-reduces on `tp_group` (MAX [N, 2], SUM [N, 8]). No host sync.
     """
     n, d = hidden_old.shape
     if hidden_new.shape != (n, d) or weight_old.dim() != 2 or weight_old.shape[1] != d \
@@ -191,7 +202,7 @@ def entropy_change(
     h0 = hidden_old.to(cdt)
     dh = None if hidden_new is hidden_old else hidden_new.to(cdt) - h0  # [N, H]
     m = torch.full((n, 2), float("-inf"), dtype=cdt, device=dev)
-    acc = torch.zeros(n, 6, dtype=cdt, device=dev)
+    acc = torch.zeros(n, 8, dtype=cdt, device=dev)
     for c0 in range(0, n_valid, chunk_size):
         c1 = min(c0 + chunk_size, n_valid)
         z0, dz = _chunk_logits(h0, dh, weight_old[c0:c1], None if weight_new is weight_old else weight_new[c0:c1],
@@ -199,7 +210,11 @@ def entropy_change(
         _fold(z0, dz, m, acc)
     m_glob = all_reduce_max(m.clone(), tp_group)  # collective 1
     _rescale(m, m_glob, acc)
-    s0, a0, b, c, s1, a1 = global_sum(acc, tp_group).unbind(-1)  # collective 2
+    s0, a0, b, c, s1, a1, d, e = global_sum(acc, tp_group).unbind(-1)  # collective 2
     mean_x, mean_dz = a0 / s0, b / s0
+    var_dz = d / s0 - mean_dz * mean_dz
+    # E[x g^2] with g = dz - E dz, from the raw moments; Cov(x, g^2) = E[x g^2] - E[x] Var(dz)
+    x_g2 = e / s0 - 2 * mean_dz * (c / s0) + mean_dz * mean_dz * mean_x
     return EntropyChange(cov=c / s0 - mean_x * mean_dz, entropy_old=torch.log(s0) - mean_x,
-                         entropy_new=torch.log(s1) - a1 / s1)
+                         entropy_new=torch.log(s1) - a1 / s1,
+                         second=-0.5 * (var_dz + x_g2 - mean_x * var_dz))

@@ -183,3 +183,27 @@ class Scorer:
 def build_scorer(cfg: RewardConfig, data: DataConfig) -> Scorer:
     del data
     return Scorer(cfg)
+
+
+def build_entropy_controller(cfg: Config) -> Optional[Any]:
+    """The entropy controller of `algorithm.target_entropy` (None when it is null), starting at the configured
+    KL-Cov k / Clip-Cov r; its bounds, gains and schedule from the `algorithm.entropy_controller_*` keys."""
+    a = cfg.algorithm
+    if a.target_entropy is None:
+        return None
+    from megaent.algorithms.entropy_controller import EntropyController
+
+    knob = "kl_cov_ratio" if a.policy_loss == "kl_cov" else "clip_cov_ratio"
+    return EntropyController(ratio=getattr(a, knob), target=a.target_entropy, final=a.target_entropy_final,
+                             schedule=a.target_entropy_schedule, total_steps=cfg.trainer.steps,
+                             ratio_min=a.entropy_controller_ratio_min, ratio_max=a.entropy_controller_ratio_max,
+                             ki=a.entropy_controller_ki, kp=a.entropy_controller_kp, knob=knob)
+
+
+def controlled_loss(loss_cfg: Any, controller: Optional[Any]) -> Any:
+    """`loss_cfg` with the controller's current k / r in place of the configured one (unchanged without one)."""
+    import dataclasses
+
+    if controller is None:
+        return loss_cfg
+    return dataclasses.replace(loss_cfg, **{controller.knob: controller.ratio})

@@ -24,6 +24,10 @@ into
     dynamics/exact_ratio       exact_dH / exact_pred_dH this step (1 = first order is exact; absent if pred = 0)
     dynamics/exact_corr        Pearson correlation of the two over all observations so far (RunningCorrelation)
     dynamics/exact_sign_agree  fraction of observations where they have the same sign
+    dynamics/exact_second      mean second-order term -1/2 (Var_pi(dz) + Cov_pi(log pi, g^2)) on the positions
+                               (H_new - H_old = -Cov + second + O(|dz|^3); large when the step is large)
+    dynamics/exact_pred2_corr  correlation of exact_pred_dH + exact_second with exact_dH so far
+    time/probe_s               seconds the probe's own work took (head copy, gathers, the op, its reductions)
 """
 from __future__ import annotations
 
@@ -83,15 +87,16 @@ class RunningCorrelation:
 
 
 def exact_dynamics_stats(cov: torch.Tensor, entropy_old: torch.Tensor, entropy_new: torch.Tensor,
-                         valid: torch.Tensor, group: Group = None) -> dict[str, torch.Tensor]:
+                         valid: torch.Tensor, group: Group = None, *, second: Optional[torch.Tensor] = None
+                         ) -> dict[str, torch.Tensor]:
     """Per-position results of `megaent.ops.entropy_change` -> the step's exact predicted and measured dH.
 
     cov, entropy_old, entropy_new: [N] fp32/fp64; valid: [N] bool (`sample_positions`' flag). group: the
     data-parallel group (None = single process): means are over the sampled positions of ALL its ranks, each
     position weighted equally (a rank with fewer valid tokens contributes fewer positions). Returns 0-d fp64
     tensors {"exact_pred_dH": -mean cov, "exact_dH": mean(H_new - H_old), "exact_H_old": mean H_old,
-    "exact_positions": count}; 0 when no position is valid. Collectives: 1 all-reduce of a 4-vector on
-    `group`. No host sync.
+    "exact_positions": count}, plus "exact_second" (mean second-order term) when `second` is given; 0 when no
+    position is valid. Collectives: 1 all-reduce of a 4- (5-) vector on `group`. No host sync.
     """
     m = valid.to(torch.bool)
     zero = torch.zeros((), dtype=torch.float64, device=cov.device)
@@ -100,10 +105,14 @@ def exact_dynamics_stats(cov: torch.Tensor, entropy_old: torch.Tensor, entropy_n
         return torch.where(m, x.to(torch.float64), zero).sum()  # where: invalid rows may hold anything
 
     local = torch.stack([total(cov), total(entropy_new.to(torch.float64) - entropy_old.to(torch.float64)),
-                         total(entropy_old), m.sum().to(torch.float64)])
+                         total(entropy_old), m.sum().to(torch.float64)]
+                        + ([total(second)] if second is not None else []))
     s = global_sum(local, group)
     n = s[3].clamp(min=1.0)
-    return {"exact_pred_dH": -s[0] / n, "exact_dH": s[1] / n, "exact_H_old": s[2] / n, "exact_positions": s[3]}
+    out = {"exact_pred_dH": -s[0] / n, "exact_dH": s[1] / n, "exact_H_old": s[2] / n, "exact_positions": s[3]}
+    if second is not None:
+        out["exact_second"] = s[4] / n
+    return out
 
 
 class EntropyDynamics:
@@ -111,8 +120,9 @@ class EntropyDynamics:
         self.pred: list[float] = []
         self.meas: list[float] = []
         self.exact = RunningCorrelation()
+        self.exact2 = RunningCorrelation()  # first + second order vs measured
 
-    def observe_exact(self, pred_dH: float, dH: float) -> dict[str, float]:
+    def observe_exact(self, pred_dH: float, dH: float, *, second: Optional[float] = None) -> dict[str, float]:
         """One step's exact prediction (-mean Cov) and measured dH on the same positions (host floats, e.g.
         `exact_dynamics_stats`' values after the trainer's one sync) -> the `dynamics/exact_*` metrics."""
         pred_dH, dH = float(pred_dH), float(dH)
@@ -123,6 +133,10 @@ class EntropyDynamics:
             out["dynamics/exact_ratio"] = dH / pred_dH
         if corr is not None:
             out["dynamics/exact_corr"] = corr
+        if second is not None:
+            corr2 = self.exact2.update(pred_dH + float(second), dH)
+            if corr2 is not None:
+                out["dynamics/exact_pred2_corr"] = corr2
         return out
 
     def observe(self, before: dict[str, float], after: dict[str, float], *, lr: float) -> dict[str, float]:
@@ -138,12 +152,14 @@ class EntropyDynamics:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"pred": list(self.pred), "meas": list(self.meas), "exact": self.exact.state_dict()}
+        return {"pred": list(self.pred), "meas": list(self.meas), "exact": self.exact.state_dict(),
+                "exact2": self.exact2.state_dict()}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.pred = [float(x) for x in sd.get("pred", [])]
         self.meas = [float(x) for x in sd.get("meas", [])]
         self.exact.load_state_dict(sd.get("exact", {}))  # checkpoints from before issue #26 have none
+        self.exact2.load_state_dict(sd.get("exact2", {}))
 
 
 def pearson(xs: list[float], ys: list[float]) -> float | None:

@@ -11,6 +11,7 @@ Cost: a copy of the head shard (Vl x H), 2 x budget hidden rows, and the vocab-c
 """
 from __future__ import annotations
 
+import time
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -25,6 +26,8 @@ class EntropyProbe:
                  seed: int, temperature: float) -> None:
         from megaent.ops.entropy_change import sample_positions
 
+        t0 = time.monotonic()
+        self.seconds = 0.0  # the probe's own time (its sampling and copies here, the op in result())
         self.policy, self.state, self.temperature = policy, state, temperature
         self.active = state.is_last_stage
         self.h: dict[str, dict[int, torch.Tensor]] = {"old": {}, "new": {}}
@@ -40,6 +43,7 @@ class EntropyProbe:
             self.local.append(idx[inside] - start)
             start += m.numel()
         self.w_old = policy.head_weight.detach().clone()
+        self.seconds += time.monotonic() - t0
 
     def hook(self, which: str) -> Optional[Callable[[int, torch.Tensor], None]]:
         """`on_hidden` callback that keeps the sampled rows of micro-batch k's final hidden states [T, H]."""
@@ -53,12 +57,14 @@ class EntropyProbe:
         return keep
 
     def result(self) -> dict[str, float]:
-        """{"pred_dH", "dH"} on every rank (one host sync); needs both hooks to have run."""
+        """{"pred_dH", "dH", "exact_second", "probe_time_s"} on every rank (one host sync); needs both hooks to
+        have run. probe_time_s: the probe's own time (the forwards it reads hidden states from are the step's)."""
         from megaent.ops.entropy_change import entropy_change
         from megaent.trainer.dynamics import exact_dynamics_stats
 
+        t0 = time.monotonic()
         st = self.state
-        out = torch.zeros(2, dtype=torch.float64, device=st.device)
+        out = torch.zeros(3, dtype=torch.float64, device=st.device)
         if self.active:
             order = sorted(self.h["old"])
             if order != sorted(self.h["new"]) or len(order) != len(self.local):
@@ -68,9 +74,11 @@ class EntropyProbe:
             ch = entropy_change(h0, h1, self.w_old, self.policy.head_weight.detach(),
                                 st.tp_group if st.tp > 1 else None, vocab_start=self.policy.vocab_range[0],
                                 vocab_size=self.policy.vocab_size, temperature=self.temperature)
-            stats = exact_dynamics_stats(*ch, self.valid, st.dp_group if st.dp > 1 else None)
-            out = torch.stack([stats["exact_pred_dH"], stats["exact_dH"]]).to(torch.float64)
+            stats = exact_dynamics_stats(ch.cov, ch.entropy_old, ch.entropy_new, self.valid,
+                                         st.dp_group if st.dp > 1 else None, second=ch.second)
+            out = torch.stack([stats["exact_pred_dH"], stats["exact_dH"], stats["exact_second"]]).to(torch.float64)
         if st.pp > 1:
             dist.broadcast(out, src=st.pp_ranks[-1], group=st.pp_group)
-        pred, meas = out.tolist()
-        return {"pred_dH": pred, "dH": meas}
+        pred, meas, second = out.tolist()  # the host sync: the op's time is all in
+        return {"pred_dH": pred, "dH": meas, "exact_second": second,
+                "probe_time_s": self.seconds + time.monotonic() - t0}

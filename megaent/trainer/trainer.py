@@ -56,6 +56,7 @@ class Trainer:
                                     run_dir=run_dir, eos_token_ids=components.eos_ids(self.tokenizer, self.hf_dir),
                                     seed=t.seed)
         self.dynamics = EntropyDynamics()
+        self.controller = components.build_entropy_controller(cfg)  # None unless algorithm.target_entropy is set
         self.sink: Optional[MetricsSink] = None  # opened in fit(), after a resume has truncated the files
         self.stop = stop or StopFlag().install()
 
@@ -203,6 +204,7 @@ class Trainer:
 
         cfg, st, t = self.cfg, self.state, self.cfg.trainer
         temp = cfg.rollout.temperature
+        loss_cfg = components.controlled_loss(cfg.algorithm, self.controller)  # this step's k / r
         mbs = self._micro_batches(mine)
         n_mini = t.prompts_per_step // t.mini_batch_size
         update_stats: list[dict[str, float]] = []
@@ -217,7 +219,7 @@ class Trainer:
         on_policy = t.ppo_epochs == 1 and n_mini == 1 and cfg.algorithm.policy_loss == "ppo"
         if on_policy:
             gen = torch.Generator().manual_seed(components.derive_seed(t.seed, step, 0, 0))
-            update_stats.append(train_mini_batch(self.engine, mbs, loss_cfg=cfg.algorithm, state=st, generator=gen,
+            update_stats.append(train_mini_batch(self.engine, mbs, loss_cfg=loss_cfg, state=st, generator=gen,
                                                  temperature=temp, old_from_current=True, lr=self._lr(),
                                                  on_hidden=hook("old")))
             old = logprobs_by_uid(mbs, samples=mine)
@@ -232,7 +234,7 @@ class Trainer:
                 chunk = self._mini_batch(mine, k, n_mini)
                 mb = self._micro_batches(chunk)
                 gen = torch.Generator().manual_seed(components.derive_seed(t.seed, step, epoch, k))
-                update_stats.append(train_mini_batch(self.engine, mb, loss_cfg=cfg.algorithm, state=st,
+                update_stats.append(train_mini_batch(self.engine, mb, loss_cfg=loss_cfg, state=st,
                                                      generator=gen, temperature=temp, lr=self._lr()))
         for key in update_stats[0] if update_stats else []:
             vals = [u[key] for u in update_stats if u.get(key) is not None]
@@ -244,13 +246,21 @@ class Trainer:
             metrics["lr"] = update_stats[-1]["lr"]
             metrics["optimizer/updates"] = float(len(update_stats))
         if t.dynamics_every and step % t.dynamics_every == 0:
+            t_fwd = time.monotonic()
             compute_logprobs(self.engine, mbs, state=st, temperature=temp, fill_old=False, samples=mine,
                              on_hidden=hook("new"))
             after = batch_metrics(mbs, state=st)
+            metrics["time/dynamics_forward_s"] = time.monotonic() - t_fwd  # the after-update forward
             metrics.update(self.dynamics.observe(before, after, lr=metrics.get("lr", cfg.optimizer.lr)))
             if probe is not None:
                 exact = probe.result()
-                metrics.update(self.dynamics.observe_exact(exact["pred_dH"], exact["dH"]))
+                metrics.update(self.dynamics.observe_exact(exact["pred_dH"], exact["dH"], second=exact["exact_second"]))
+                metrics.update({"dynamics/exact_second": exact["exact_second"],
+                                "time/probe_s": exact["probe_time_s"]})
+        if self.controller is not None:  # validate() guarantees the probe ran this step
+            metrics[f"controller/{self.controller.knob}_used"] = self.controller.ratio
+            metrics.update(self.controller.update(step=step, entropy=before["entropy/mean"],
+                                                  pred_dH=metrics["dynamics/exact_pred_dH"]))
         return metrics
 
     def _consistency(self, old: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
@@ -283,7 +293,8 @@ class Trainer:
         return {"data": self.prompts.state_dict(), "optimizer_steps": self.engine.step_count,
                 "config": to_yaml(self.cfg),
                 "layout": self._layout(),
-                "hf_dir": str(self.hf_dir), "dynamics": self.dynamics.state_dict()}
+                "hf_dir": str(self.hf_dir), "dynamics": self.dynamics.state_dict(),
+                **({"controller": self.controller.state_dict()} if self.controller is not None else {})}
 
     def save(self, step: int) -> None:
         tensors = canonical_state(self.policy, self.engine, self.state, loading=False)
@@ -301,6 +312,8 @@ class Trainer:
         finish_load(self.policy, self.engine, tensors, step=int(meta["optimizer_steps"]))
         self.prompts.load_state_dict(meta["data"])
         self.dynamics.load_state_dict(meta.get("dynamics", {}))
+        if self.controller is not None and "controller" in meta:  # a run that had no controller starts it fresh
+            self.controller.load_state_dict(meta["controller"])
         step = int(meta["step"])
         self.rollout.sync(step=step)
         log.info("resumed from %s (step %d)", path, step)
