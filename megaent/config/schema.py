@@ -155,9 +155,6 @@ class AlgorithmConfig(LossConfig):
     """DAPO dynamic sampling: drop groups whose rewards are all equal and sample more."""
     group_filter_max_tries: int = 4
     """Rollout rounds allowed to fill a filtered batch."""
-
-
-@dataclass
     target_entropy: Optional[float] = None
     """Entropy controller (`megaent.algorithms.entropy_controller`): target token-mean entropy in nats; each step
     it sets KL-Cov's kl_cov_ratio or Clip-Cov's clip_cov_ratio (the starting value) from the probe's predicted
@@ -174,6 +171,9 @@ class AlgorithmConfig(LossConfig):
     """Entropy controller: gain on the relative error of the forecast entropy (log-ratio per unit error)."""
     entropy_controller_kp: float = 5.0
     """Entropy controller: gain on the relative rate error (target change - predicted dH) / target."""
+
+
+@dataclass
 class OptimizerConfig:
     lr: float = 1e-6
     """Peak learning rate."""

@@ -66,13 +66,13 @@ RULES: dict[str, Rule] = {
     "algorithm.entropy_coef": _at_least(0, " (0 = off, as in the paper)"),
     "algorithm.kl_coef": _at_least(0, " (0 = off, as in the paper)"),
     "algorithm.group_filter_max_tries": _at_least(1),
-    "optimizer.lr": _positive("; the paper uses 5e-7 (7B) or 1e-6 (32B)"),
     "algorithm.target_entropy": ((lambda v: v is None or v > 0), "must be > 0 nats / token, or null (off)"),
     "algorithm.target_entropy_final": ((lambda v: v is None or v > 0), "must be > 0 nats / token, or null"),
     "algorithm.entropy_controller_ratio_min": ((lambda v: 0 < v <= 0.1), "must be in (0, 0.1]; the default is 1e-5"),
     "algorithm.entropy_controller_ratio_max": ((lambda v: 0 < v <= 0.1), "must be in (0, 0.1]; the default is 0.1"),
     "algorithm.entropy_controller_ki": _at_least(0, "; the default is 1"),
     "algorithm.entropy_controller_kp": _at_least(0, "; the default is 5"),
+    "optimizer.lr": _positive("; the paper uses 5e-7 (7B) or 1e-6 (32B)"),
     "optimizer.weight_decay": _at_least(0),
     "optimizer.beta1": _unit(False, True, "; usually 0.9"),
     "optimizer.beta2": _unit(False, True, "; usually 0.999"),
@@ -131,7 +131,6 @@ def _consistency(cfg: Config) -> None:
            "rollout.engine=http needs at least one server URL, e.g. rollout.urls=[http://127.0.0.1:30000]")
     _check(t.prompts_per_step % t.mini_batch_size == 0, "trainer.mini_batch_size", t.mini_batch_size,
            f"must divide trainer.prompts_per_step={t.prompts_per_step}")
-    layers = cfg.model.pipeline_layers
     if a.target_entropy is not None:
         _check(a.policy_loss in ("kl_cov", "clip_cov"), "algorithm.target_entropy", a.target_entropy,
                f"the entropy controller steers KL-Cov's k or Clip-Cov's r: set algorithm.policy_loss=kl_cov or "
@@ -146,6 +145,7 @@ def _consistency(cfg: Config) -> None:
                "algorithm.target_entropy_final", a.target_entropy_final,
                f"target_entropy_schedule={a.target_entropy_schedule} needs a final target (nats), e.g. "
                f"algorithm.target_entropy_final={a.target_entropy / 2:g}")
+    layers = cfg.model.pipeline_layers
     _check(layers is None or (len(layers) == p.pp and all(n >= 1 for n in layers)), "model.pipeline_layers",
            layers, f"needs parallel.pp={p.pp} entries, each >= 1 (or null for an even split)")
     _check(not t.share_prompt_prefix, "trainer.share_prompt_prefix", t.share_prompt_prefix,
