@@ -215,7 +215,8 @@ def _world(cfg: Any, world: Optional[int]) -> int:
 
 def plan_memory(cfg: Any, *, gpu_mem_gb: float = 80.0, world: Optional[int] = None, tp: Optional[int] = None,
                 pp: Optional[int] = None, recompute: Optional[str] = None, tokens: Optional[int] = None,
-                shape: Optional[Shape] = None, include_rollout: bool = True) -> Plan:
+                shape: Optional[Shape] = None, include_rollout: bool = True,
+                micro_batches: Optional[int] = None) -> Plan:
     """The memory plan of `cfg` (a `megaent.config.schema.Config`) per pipeline stage; see the module docstring.
     world: training ranks (default slurm.nodes x slurm.gpus_per_node); tp/pp/recompute/tokens override cfg."""
     s = shape or model_shape(cfg.model.path)
@@ -235,7 +236,7 @@ def plan_memory(cfg: Any, *, gpu_mem_gb: float = 80.0, world: Optional[int] = No
     b = DTYPE_BYTES[dtype]
     seq = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
     seqs = cfg.trainer.mini_batch_size * cfg.rollout.n_samples / dp
-    micro = max(1, math.ceil(seqs * seq / tokens))
+    micro = micro_batches or max(1, math.ceil(seqs * seq / tokens))
     lay = Layout(tp=tp, pp=pp, dp=dp, distributed_optimizer=distopt, recompute=recompute, tokens=tokens,
                  micro_batches=micro)
     chunk = getattr(cfg.trainer, "head_chunk_size", 4096)
