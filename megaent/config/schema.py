@@ -217,6 +217,9 @@ class TrainerConfig:
     share_prompt_prefix: bool = False
     """Forward each GRPO group's prompt once per micro-batch, its samples attending to it (same gradient).
     Not yet on the megatron-core engine (its packed THD attention has no shared-prefix layout): must be false."""
+    head_chunk_size: int = 4096
+    """Vocab columns per chunk of the fused LM head in every log-prob pass (old, selection, update); its extra
+    memory is about tokens x chunk x 16 bytes (`megaent plan` counts it)."""
     checkpoint_every: int = 10
     """Steps between checkpoints (0 = only at the end and on signals)."""
     keep_last: int = 2

@@ -79,6 +79,10 @@ class Engine:
     """Optimizer steps taken (checkpointed; the schedule's position)."""
     pp_host: Optional[dist.ProcessGroup] = None
     """gloo group over the pipeline stages, for host-side objects (`host_pp_group`)."""
+    head_chunk_size: int = 4096
+    """Vocab columns per chunk of the fused LM head (`trainer.head_chunk_size`); its extra memory ~ T x C fp32."""
+    fused_head: bool = True
+    """Log-probs through the vocab-chunked fused head (False: full [T, V/TP] logits, the test reference)."""
 
     def zero_grad(self) -> None:
         self.ddp.zero_grad_buffer()
@@ -135,14 +139,14 @@ stats of 0-d tensors)."""
 
 
 def forward_backward(engine: Engine, micro_batches: Sequence[MicroBatch], loss_fn: Optional[LossFn], *,
-                     forward_only: bool = False, temperature: float = 1.0, fused_head: bool = True,
+                     forward_only: bool = False, temperature: float = 1.0, fused_head: Optional[bool] = None,
                      entropy_grad: bool = False,
                      on_hidden: Optional[Callable[[int, torch.Tensor], None]] = None
                      ) -> list[dict[str, torch.Tensor]]:
     """Forward (and backward) of every micro-batch through megatron-core's schedule.
 
     Last stage: log-probs and entropy of the targets through the fused vocab-parallel head (or the full
-    vocab-parallel logits with fused_head=False), then `loss_fn`. Returns the last stage's per-micro-batch
+    vocab-parallel logits with fused_head=False; None = `engine.fused_head`), then `loss_fn`. Returns the last stage's per-micro-batch
     stats ({"logprobs", "entropy"} [1, T] plus loss_fn's) in order; [] on other stages. on_hidden(k, hidden
     [T, H]) sees the last stage's final hidden states of micro-batch k (fused head only; detached), e.g. for
     the entropy-change probe.
@@ -154,6 +158,7 @@ def forward_backward(engine: Engine, micro_batches: Sequence[MicroBatch], loss_f
     from megaent.ops import fused_head_logprobs_entropy, vocab_parallel_logprobs_entropy
 
     policy, st = engine.policy, engine.state
+    fused_head = engine.fused_head if fused_head is None else fused_head
     mbs = list(micro_batches)
     for mb in mbs:  # the device rule: the caller moves the micro-batches (MicroBatch.to), and they stay its objects
         if mb.input_ids.device != st.device:
@@ -177,7 +182,8 @@ def forward_backward(engine: Engine, micro_batches: Sequence[MicroBatch], loss_f
             if on_hidden is not None:
                 on_hidden(k, h.detach()[0])
             lp, ent = fused_head_logprobs_entropy(h, policy.head_weight, mb.targets, grp, temperature=temperature,
-                                                  vocab_size=policy.vocab_size, entropy_grad=entropy_grad)
+                                                  vocab_size=policy.vocab_size, entropy_grad=entropy_grad,
+                                                  chunk_size=engine.head_chunk_size)
         else:
             lp, ent = vocab_parallel_logprobs_entropy(policy(ids, packed_seq_params=psp), mb.targets, grp,
                                                       temperature=temperature)

@@ -49,6 +49,7 @@ class Trainer:
         self.tokenizer = components.load_tokenizer(self.hf_dir)
         self.policy = components.load_policy(cfg.model, self.hf_dir, state=state)  # megatron-core GPTModel
         self.engine = components.build_engine(self.policy, cfg.optimizer, state=state)  # its DDP + optimizer
+        self.engine.head_chunk_size = t.head_chunk_size
         self.total_updates = t.steps * t.ppo_epochs * (t.prompts_per_step // t.mini_batch_size)
         self.prompts = components.build_prompts(cfg.data, self.tokenizer, seed=t.seed, batch_size=t.prompts_per_step)
         self.scorer = components.build_scorer(cfg.reward, cfg.data) if state.rank == 0 else None
