@@ -181,7 +181,7 @@ def test_dynamics_row_predicted_vs_measured(tmp_path: Path) -> None:
     import matplotlib.image as mpimg
 
     from megaent.trainer.dynamics import pearson
-    from megaent.trainer.plots import dynamics_correlations
+    from megaent.trainer.plots import dynamics_correlations, format_dynamics
 
     cols = {n: _write_dynamics_run(tmp_path / n, s, controller=n.startswith("ctrl"))
             for s, n in enumerate(("grpo_seed0", "grpo_seed1", "ctrl_seed0"))}
@@ -209,7 +209,24 @@ def test_dynamics_row_predicted_vs_measured(tmp_path: Path) -> None:
         c = cols[e["run"]]
         assert e["exact_corr"] == pytest.approx(np.corrcoef(c["dynamics/exact_pred_dH"], c["dynamics/exact_dH"])[0, 1])
         assert e["adv_cov_corr"] == pytest.approx(np.corrcoef(c["dynamics/pred_dH"], c["dynamics/dH"])[0, 1])
-        assert e["steps"] == 30 and e["exact_corr"] > 0.9
+        assert e["steps"] == 30 and e["exact_corr"] > 0.9 and e["exact2_corr"] is None  # no exact_second logged
+    table = format_dynamics(dynamics_correlations([tmp_path / n for n in cols])).splitlines()
+    assert len(table) == 4 and table[1].startswith("grpo_seed0") and f"{e['exact_corr']:+.3f}" in table[3]
+
+
+def test_second_order_correlation(tmp_path: Path) -> None:
+    from megaent.trainer.plots import dynamics_correlations
+
+    cols = _write_dynamics_run(tmp_path / "grpo_seed0", 0)
+    rng = np.random.default_rng(1)
+    second = rng.normal(0, 0.01, size=len(cols["dynamics/exact_dH"]))
+    rows = [json.loads(ln) for ln in (tmp_path / "grpo_seed0" / "metrics.jsonl").read_text().splitlines()]
+    for r, x in zip((r for r in rows if "dynamics/exact_dH" in r), second):
+        r["dynamics/exact_second"] = float(x)
+    (tmp_path / "grpo_seed0" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    e = dynamics_correlations([tmp_path / "grpo_seed0"])[0]
+    want = np.corrcoef(np.asarray(cols["dynamics/exact_pred_dH"]) + second, cols["dynamics/exact_dH"])[0, 1]
+    assert e["exact2_corr"] == pytest.approx(want)
 
 
 def test_no_dynamics_row_without_exact_metrics(tmp_path: Path, runs: dict[str, np.ndarray]) -> None:

@@ -3,7 +3,8 @@
 # Clip-Cov and KL-Cov, each with several seeds (same starting policy; the seed drives sampling, data order and
 # Clip-Cov's random pick), two runs at a time on one thread each. Prints a table of mean +- std across seeds of
 # entropy and reward over the first and last fifth of the steps, draws every method's mean with a min-max band
-# over seeds (curves.png) and fits the entropy-performance law to the GRPO runs (entropy_law.png).
+# over seeds (curves.png, with predicted vs measured entropy change per step), fits the entropy-performance law to
+# the GRPO runs (entropy_law.png) and prints each GRPO run's predicted-vs-measured dH correlations.
 # Usage: bash tools/demo.sh [OUT_DIR] [key=value ...]   (extra overrides go to every run)
 #   DEMO_SEEDS="0 1 2" (seeds per method), DEMO_JOBS=2 (runs at a time; one CPU core each)
 set -euo pipefail
@@ -73,5 +74,10 @@ import sys
 from megaent.trainer.plots import format_summary, seed_summary
 print("\nmean +- std across seeds of each run's average over its first / last fifth of the steps:")
 print(format_summary(seed_summary(sys.argv[1:])))
+from megaent.trainer.plots import dynamics_correlations, format_dynamics
+grpo = [d for d in sys.argv[1:] if "/grpo_seed" in d]
+print("\nper GRPO run: correlation over its steps of measured dH with the exact prediction -Cov(log pi, dz),")
+print("the same with the second-order term added, and with the advantage-covariance estimate -lr Cov(log pi, A):")
+print(format_dynamics(dynamics_correlations(grpo)))
 PY
 echo "plots: $out/curves.png  $out/entropy_law.png   (demo wall time $((SECONDS - start)) s)"

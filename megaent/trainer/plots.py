@@ -38,6 +38,7 @@ PANELS = (("entropy/mean", "policy entropy (token mean)", ENTROPY),
 DH = "entropy change dH (nats / token per step)"
 EXACT = ("dynamics/exact_pred_dH", "dynamics/exact_dH")
 ADV_COV = ("dynamics/pred_dH", "dynamics/dH")
+SECOND = "dynamics/exact_second"
 _SEED_DIR = re.compile(r"^(?P<name>.+)_seed(?P<seed>\d+)$")
 
 
@@ -149,7 +150,9 @@ def _pairs(rows: list[dict], keys: tuple[str, str]) -> tuple[list[float], list[f
 def dynamics_correlations(run_dirs: Sequence[str | Path]) -> list[dict]:
     """Per run directory: Pearson correlation over its steps of predicted and measured dH, for the exact
     prediction (`EXACT`) and the advantage-covariance estimate (`ADV_COV`); None where a run has fewer than 3
-    such steps. Returns [{"method", "run", "exact_corr", "adv_cov_corr", "steps"}] in `group_runs` order."""
+    such steps. "exact2_corr": the same for the prediction with its second-order term (exact_pred_dH +
+    `dynamics/exact_second`), None when a run did not log it.
+    Returns [{"method", "run", "exact_corr", "exact2_corr", "adv_cov_corr", "steps"}] in `group_runs` order."""
     from megaent.trainer.dynamics import pearson
 
     out = []
@@ -157,9 +160,20 @@ def dynamics_correlations(run_dirs: Sequence[str | Path]) -> list[dict]:
         for d in dirs:
             rows = read_metrics(d)
             ex, ad = _pairs(rows, EXACT), _pairs(rows, ADV_COV)
+            two = [(r[EXACT[0]] + r[SECOND], r[EXACT[1]]) for r in rows
+                   if all(r.get(k) is not None for k in (*EXACT, SECOND))]
             out.append({"method": method, "run": d.name, "exact_corr": pearson(*ex), "adv_cov_corr": pearson(*ad),
-                        "steps": len(ex[0])})
+                        "exact2_corr": pearson([p[0] for p in two], [p[1] for p in two]), "steps": len(ex[0])})
     return out
+
+
+def format_dynamics(corrs: list[dict]) -> str:
+    """`dynamics_correlations` as the demo's table: one line per run."""
+    f = lambda v: "   -  " if v is None else f"{v:+.3f}"  # noqa: E731
+    lines = [f"{'run':<20} {'exact':>7} {'exact+2nd':>9} {'adv-cov':>8} {'steps':>5}"]
+    lines += [f"{e['run']:<20} {f(e['exact_corr']):>7} {f(e['exact2_corr']):>9} {f(e['adv_cov_corr']):>8} "
+              f"{e['steps']:>5}" for e in corrs]
+    return "\n".join(lines)
 
 
 def _has_dynamics(groups: list[tuple[str, list[list[dict]]]]) -> bool:
