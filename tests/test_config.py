@@ -124,7 +124,7 @@ BAD = {
     "optimizer.min_lr_ratio": "2", "optimizer.distributed_optimizer": "maybe",
     "trainer.steps": "0", "trainer.seed": "-1", "trainer.run_dir": ("preflight", "trainer.run_dir=/dev/null/run"),
     "trainer.prompts_per_step": "0", "trainer.mini_batch_size": "5", "trainer.ppo_epochs": "0",
-    "trainer.max_tokens_per_micro_batch": "0", "trainer.share_prompt_prefix": "maybe",
+    "trainer.max_tokens_per_micro_batch": "0", "trainer.head_chunk_size": "0", "trainer.share_prompt_prefix": "maybe",
     "trainer.checkpoint_every": "-1", "trainer.keep_last": "0", "trainer.verify_checkpoints": "maybe",
     "trainer.dynamics_every": "-2", "trainer.dynamics_budget": "-1", "trainer.samples_to_log": "-1", "trainer.quiet": "maybe",
     "trainer.wandb_project": ANY,  # any name; wandb checks it

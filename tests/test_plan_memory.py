@@ -59,6 +59,35 @@ def _measure(rank: int, world: int, hf_dir: str, tp: int, pp: int) -> dict:
     return {"stage": st.pp_rank, "peak": peaks[-1]}
 
 
+def _forward_only_peaks(rank: int, world: int, hf_dir: str) -> list[int]:
+    """Peak bytes of a forward-only log-prob pass (old log-probs) over 1 and over 3 micro-batches."""
+    from megaent.model import load_hf
+    from megaent.parallel import init_parallel
+    from megaent.trainer.batching import pack
+    from megaent.trainer.mcore_engine import build_engine
+    from megaent.trainer.memtrack import PeakMemory
+    from megaent.trainer.update import compute_logprobs
+
+    st = init_parallel(1, 1)
+    eng = build_engine(load_hf(hf_dir, st, engine="mcore"), st, lr=1e-4)
+    mine = _samples(12, TOKENS // 4)
+    mbs = [pack(mine[i:i + 4], share_prefix=False).to(st.device) for i in range(0, 12, 4)]
+    peaks = []
+    for n in (1, 3):
+        with PeakMemory() as pm:
+            compute_logprobs(eng, mbs[:n], state=st, fill_old=True)
+        peaks.append(pm.peak)
+    return peaks
+
+
+def test_forward_only_pass_keeps_no_graph(hf_dir: str) -> None:
+    """megatron's schedules leave autograd on with forward_only=True; megaent's forward-only passes must not build
+    a graph (it kept the previous micro-batch's activations alive: +41% peak at 2 micro-batches, measured)."""
+    one, three = run_ranks(_forward_only_peaks, 1, hf_dir)[0]
+    print(f"\nforward-only peak: 1 micro-batch {one / 2**20:.2f} MiB, 3 micro-batches {three / 2**20:.2f} MiB")
+    assert three <= one * 1.05, (one, three)
+
+
 def _planned(hf_dir: str, tp: int, pp: int, dp: int) -> list[int]:
     from megaent.config import load_config
     from megaent.trainer.plan import plan_memory

@@ -96,6 +96,9 @@ class _Scorer:
         del answers
         return [reward_of(t) for t in texts], 0
 
+    def take_metrics(self) -> dict[str, float]:
+        return {}  # the trainer logs a scorer's timeouts / errors each step; this one has none
+
     def close(self) -> None:
         pass
 

@@ -41,6 +41,6 @@ if [ "$MEGAENT_SLURM_TESTS" = 1 ]; then
 fi
 start=$SECONDS
 rc=0
-python -m pytest -q "$@" || rc=$?
+python -m pytest -q --durations=30 "$@" || rc=$?
 echo "tools/test.sh: pytest exit $rc after $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s" >&2
 exit "$rc"

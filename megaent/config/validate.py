@@ -86,6 +86,7 @@ RULES: dict[str, Rule] = {
     "trainer.mini_batch_size": _at_least(1),  # divides prompts_per_step: _consistency
     "trainer.ppo_epochs": _at_least(1),
     "trainer.max_tokens_per_micro_batch": _at_least(1),
+    "trainer.head_chunk_size": _at_least(1),
     "trainer.checkpoint_every": _at_least(0, " (0 = only at the end and on signals)"),
     "trainer.keep_last": _at_least(1),
     "trainer.dynamics_every": _at_least(0, " (0 = off)"),

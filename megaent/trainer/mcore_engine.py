@@ -20,6 +20,8 @@ moves it (`MicroBatch.to`), `forward_backward` refuses one that is elsewhere.
 """
 from __future__ import annotations
 
+import contextlib
+
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -203,7 +205,10 @@ def forward_backward(engine: Engine, micro_batches: Sequence[MicroBatch], loss_f
     if not forward_only:
         engine.zero_grad()
     longest = max(int(mb.input_ids.shape[1]) for mb in mbs)
-    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=it, model=[engine.ddp],
-                                num_microbatches=n, seq_length=longest, micro_batch_size=1,
-                                forward_only=forward_only)
+    # megatron's schedules leave autograd on in forward_only (their callers, e.g. evaluate, wrap no_grad): without
+    # this each forward-only micro-batch would build its graph and keep the last one's activations alive
+    with torch.no_grad() if forward_only else contextlib.nullcontext():
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=it, model=[engine.ddp],
+                                    num_microbatches=n, seq_length=longest, micro_batch_size=1,
+                                    forward_only=forward_only)
     return out

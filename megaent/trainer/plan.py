@@ -185,7 +185,8 @@ def head_bytes(s: Shape, tokens: int, tp: int, b: int, chunk: int, *, fused: boo
     gathered = tokens * h * b  # final hidden states gathered over TP (the head's saved input)
     if fused:
         c = min(chunk, vl)
-        chunks = tokens * c * (3 * 4 + b)  # [T, C] logits in dtype, fp32 copy, exp, softmax grad
+        # one [T, C] chunk at a time: its logits in dtype, their fp32 copy (bf16/fp16 only), exp in fp32
+        chunks = tokens * c * (b + 4 + (4 if b != 4 else 0))
         grads = tokens * h * 4 + vl * h * b  # grad_hidden accumulator and the [Vl, H] weight gradient
         return int(final_norm + gathered + chunks + grads)
     # full logits: [T, Vl] in dtype, its fp32 copy, log-softmax, softmax and its gradient
