@@ -215,9 +215,26 @@ def _run_dirs(paths: Sequence[str]) -> list[str]:
 
 
 def _cmd_fit_law(args: argparse.Namespace) -> int:
+    fraction = args.fit_fraction
+    if args.early_fraction is not None:
+        if fraction is not None and fraction != args.early_fraction:
+            raise UserError(f"--early-fraction {args.early_fraction} and --fit-fraction {fraction} disagree; "
+                            "give only --fit-fraction (--early-fraction is its deprecated old name)")
+        print("megaent fit-law: --early-fraction is deprecated; use --fit-fraction", file=sys.stderr)
+        fraction = args.early_fraction
+    if fraction is not None and not 0.0 < fraction < 1.0:  # before the imports below: a typo answers at once
+        raise UserError(f"--fit-fraction {fraction}: must be in (0, 1), the share of each run's first steps the "
+                        "law is fitted on (0.25: the first quarter)")
+    if args.bootstrap is not None and args.bootstrap < 1:
+        raise UserError(f"--bootstrap {args.bootstrap}: must be >= 1 resample (about 200 gives a stable interval)")
+    run_dirs = _run_dirs(args.run_dirs)
     from megaent.trainer.law import fit_law_cli
 
-    return fit_law_cli(_run_dirs(args.run_dirs), early_fraction=args.early_fraction, out=args.out)
+    kw = {k: v for k, v in (("fit_fraction", fraction), ("n_boot", args.bootstrap)) if v is not None}
+    try:  # the defaults live in megaent.trainer.law
+        return fit_law_cli(run_dirs, out=args.out, seed=args.seed, **kw)
+    except ValueError as exc:  # too few steps, constant entropy, a corrupt metrics.jsonl line: the user's data
+        raise UserError(str(exc)) from None
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
@@ -288,14 +305,25 @@ checkpoints/step_N); the direction follows from SRC. A TP x PP layout needs TP*P
 
     f = sub.add_parser("fit-law", help="fit the entropy-performance law R = -a exp(H) + b", formatter_class=raw,
                        description="""\
-Fit R = -a exp(H) + b (Cui et al. 2025, Eq. 1) to each run's (entropy, reward) per step from metrics.jsonl;
-print a, b, R^2 and the predicted ceiling R(H=0) = b - a, write RUN_DIR/entropy_law.json and a PNG.
+Fit R = -a exp(H) + b (Cui et al. 2025, Eq. 1) on the first --fit-fraction of each run's steps (entropy/mean,
+reward/mean of metrics.jsonl), per run and pooled over all RUN_DIRs (e.g. a method's seeds), and check it on
+the steps it never saw. Prints a table: a, b, the prediction RMSE on the held-out last 50% of the steps and on
+all the rest, R^2 of the fit on all steps, and the predicted ceiling R(H=0) = b - a with the mean and 90%
+interval of a bootstrap over the fitted steps. Writes the PNG (reward vs entropy, fitted and held-out steps,
+the fit extrapolated to H = 0 with the ceiling's band) and a JSON summary next to it (law.png -> law.json).
 
   megaent fit-law runs/try
-  megaent fit-law runs/demo/grpo_seed0 runs/demo/grpo_seed1 --out law.png""")
+  megaent fit-law runs/demo/grpo_seed0 runs/demo/grpo_seed1 --fit-fraction 0.25 --out law.png""")
     f.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (files are skipped)")
-    f.add_argument("--early-fraction", type=float, default=0.25, help="fit on this first fraction, predict the rest")
-    f.add_argument("--out", default=None, help="PNG path (default RUN_DIR/entropy_law.png)")
+    f.add_argument("--fit-fraction", type=float, default=None, metavar="F",
+                   help="fit on each run's first F of the steps, in (0, 1) (default 0.25)")
+    f.add_argument("--early-fraction", type=float, default=None, metavar="F",
+                   help="deprecated name of --fit-fraction")
+    f.add_argument("--bootstrap", type=int, default=None, metavar="N",
+                   help="bootstrap resamples of the fitted steps for the ceiling's interval (default 200)")
+    f.add_argument("--seed", type=int, default=0, help="seed of the bootstrap's resampling (default 0)")
+    f.add_argument("--out", default=None,
+                   help="PNG path; the JSON summary goes next to it (default RUN_DIR/entropy_law.png, .json)")
     f.set_defaults(fn=_cmd_fit_law)
 
     pl = sub.add_parser("plot", help="entropy, reward and covariance curves of runs in one PNG",

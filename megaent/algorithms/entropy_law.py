@@ -3,7 +3,8 @@
 The law is linear in x = exp(H), so the least-squares fit is the closed-form simple linear regression of
 R on x: slope = -a, intercept = b. Its predicted ceiling, the reward once entropy is exhausted (H = 0),
 is b - a. `early_fit` reproduces the paper's use of the law: fit on the first part of training, predict
-the rest. Plain numpy in float64.
+the rest; `bootstrap_fits` / `ceiling_interval` give the predicted ceiling's uncertainty from a bootstrap
+over the fitted steps (pairs resampled with replacement, Efron's percentile interval). Plain numpy in float64.
 """
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ from typing import NamedTuple, Sequence, Union
 import numpy as np
 
 ArrayLike = Union[Sequence[float], np.ndarray]
+
+MIN_FIT_POINTS = 3
+"""Fewest steps a fit with an uncertainty needs: 2 points fix the line exactly and leave no residual, and a
+bootstrap of 2 points draws the same point twice half the time."""
 
 
 class EntropyLawFit(NamedTuple):
@@ -66,3 +71,62 @@ def early_fit(entropy: ArrayLike, reward: ArrayLike, fraction: float) -> EarlyFi
     fit = fit_entropy_law(h[:n_fit], r[:n_fit])
     rmse = float(np.sqrt(np.mean((fit.predict(h[n_fit:]) - r[n_fit:]) ** 2)))
     return EarlyFit(fit=fit, rmse=rmse, n_fit=n_fit)
+
+
+def fit_count(n: int, fraction: float) -> int:
+    """Points in the first `fraction` of `n` (floor; the 1e-9 keeps 0.3 * 10 at 3 despite binary rounding)."""
+    return int(np.floor(fraction * n + 1e-9))
+
+
+def steps_needed(fraction: float, min_points: int = MIN_FIT_POINTS) -> int:
+    """The shortest run whose first `fraction` holds `min_points` points (for error messages)."""
+    n = int(np.ceil(min_points / fraction - 1e-9))
+    while fit_count(n, fraction) < min_points:
+        n += 1
+    return n
+
+
+def bootstrap_fits(entropy: ArrayLike, reward: ArrayLike, *, n_boot: int = 200,
+                   seed: int | Sequence[int] = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(a [n_used], b [n_used]) of the law refitted on `n_boot` resamples of the (entropy, reward) pairs drawn
+    with replacement (np.random.default_rng(seed)); resamples whose entropy is constant (no line) are dropped,
+    so n_used <= n_boot. All resamples are fitted at once: [n_boot, n] index matrix, closed-form slope."""
+    h = np.asarray(entropy, dtype=np.float64).reshape(-1)
+    r = np.asarray(reward, dtype=np.float64).reshape(-1)
+    if h.shape != r.shape or h.size < MIN_FIT_POINTS:
+        raise ValueError(f"bootstrap_fits: need equal-length entropy and reward with >= {MIN_FIT_POINTS} "
+                         f"points, got {h.size} and {r.size}")
+    idx = np.random.default_rng(seed).integers(0, h.size, size=(n_boot, h.size))
+    x, y = np.exp(h)[idx], r[idx]                                      # [n_boot, n]
+    dx = x - x.mean(axis=1, keepdims=True)
+    sxx = (dx * dx).sum(axis=1)
+    ok = sxx > 1e-12 * np.maximum(1.0, (x * x).sum(axis=1))            # a resample of one repeated point
+    slope = (dx[ok] * (y[ok] - y[ok].mean(axis=1, keepdims=True))).sum(axis=1) / sxx[ok]
+    b = y[ok].mean(axis=1) - slope * x[ok].mean(axis=1)
+    return -slope, b
+
+
+class CeilingInterval(NamedTuple):
+    mean: float
+    lo: float
+    hi: float
+    level: float
+    n_used: int
+    """Resamples that gave a fit (see bootstrap_fits)."""
+
+
+def ceiling_interval(a: np.ndarray, b: np.ndarray, *, level: float = 0.9) -> CeilingInterval:
+    """Mean and central `level` percentile interval of the bootstrapped ceilings b - a."""
+    c = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
+    if c.size == 0:
+        raise ValueError("ceiling_interval: no bootstrap resample gave a fit (entropy constant in all of them)")
+    lo, hi = np.quantile(c, [(1 - level) / 2, (1 + level) / 2])
+    return CeilingInterval(mean=float(c.mean()), lo=float(lo), hi=float(hi), level=level, n_used=int(c.size))
+
+
+def rmse(fit: EntropyLawFit, entropy: ArrayLike, reward: ArrayLike) -> float:
+    """Root-mean-square error of the fit's prediction on (entropy, reward); nan for no points."""
+    r = np.asarray(reward, dtype=np.float64).reshape(-1)
+    if r.size == 0:
+        return float("nan")
+    return float(np.sqrt(np.mean((fit.predict(entropy) - r) ** 2)))
