@@ -11,6 +11,7 @@ megaent.trainer.metrics.MetricsSink, the trainer's own writer. About 20 s:
 """
 import json
 import math
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -162,11 +163,16 @@ def write_run(d: Path, h, r, *, nan_at=()):
     return d
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 def megaent(*args, cwd):
+    """`megaent fit-law ARGS` through the installed console script, importing this tree's megaent (PYTHONPATH:
+    the editable install may point at another checkout)."""
     exe = shutil.which("megaent")
     assert exe, "the megaent console script is not on PATH; pip install -e ."
     return subprocess.run([exe, "fit-law", *map(str, args)], capture_output=True, text=True, timeout=120, cwd=cwd,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
 
 
 @pytest.fixture(scope="module")
@@ -182,18 +188,20 @@ def seeds(tmp_path_factory):
 
 
 def reference(parts, fraction):
-    """polyfit on each part's first floor(F n) points; RMSE on its last n // 2 and on all after the prefix."""
-    fit_h = np.concatenate([h[:int(fraction * h.size)] for h, _ in parts])
-    fit_r = np.concatenate([r[:int(fraction * h.size)] for h, r in parts])
-    slope, icpt = np.polyfit(np.exp(fit_h), fit_r, 1)
-    pred = lambda h: slope * np.exp(h) + icpt  # noqa: E731
-    err = lambda sl: float(np.sqrt(np.mean(np.concatenate([pred(h[sl(h)]) - r[sl(h)] for h, r in parts]) ** 2)))  # noqa
+    """polyfit on each part's first int(F n) points; RMSE on its last n // 2 and on all after the prefix."""
+    k = [int(fraction * h.size) for h, _ in parts]
+    slope, icpt = np.polyfit(np.exp(np.concatenate([h[:n] for (h, _), n in zip(parts, k)])),
+                             np.concatenate([r[:n] for (_, r), n in zip(parts, k)]), 1)
+
+    def err(first):  # first(n_points, n_fitted) -> index of the first scored point
+        res = [slope * np.exp(h[first(h.size, n):]) + icpt - r[first(h.size, n):] for (h, r), n in zip(parts, k)]
+        return float(np.sqrt(np.mean(np.concatenate(res) ** 2)))
+
     all_h, all_r = np.concatenate([h for h, _ in parts]), np.concatenate([r for _, r in parts])
     s_all, i_all = np.polyfit(np.exp(all_h), all_r, 1)
     res = all_r - (s_all * np.exp(all_h) + i_all)
-    return {"a": -slope, "b": icpt, "ceiling": icpt + slope, "rmse_last_half": err(lambda h: slice(h.size - h.size // 2, None)),
-            "rmse_rest": err(lambda h: slice(int(fraction * h.size), None)),
-            "r2": 1 - (res @ res) / ((all_r - all_r.mean()) ** 2).sum()}
+    return {"a": -slope, "b": icpt, "ceiling": icpt + slope, "rmse_last_half": err(lambda n, _: n - n // 2),
+            "rmse_rest": err(lambda _, kf: kf), "r2": 1 - (res @ res) / ((all_r - all_r.mean()) ** 2).sum()}
 
 
 def check(entry, ref):

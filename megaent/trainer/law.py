@@ -60,12 +60,13 @@ class LawFit(NamedTuple):
     held_out_last_half: int
     held_out_rest: int
     note: str
+    pooled: bool = False              # the pool of all runs (its name is POOLED; a run dir may be called that too)
 
     def as_json(self) -> dict:
         def clean(x: float) -> Optional[float]:
             return x if math.isfinite(x) else None
 
-        out = {"run": self.name, "steps": self.steps, "fit_steps": self.fit_steps,
+        out = {"run": self.name, "pooled": self.pooled, "steps": self.steps, "fit_steps": self.fit_steps,
                "full_fit": {"a": self.full.a, "b": self.full.b, "r2": self.full.r2, "ceiling": self.full.ceiling},
                "held_out_last_half_steps": self.held_out_last_half, "held_out_rest_steps": self.held_out_rest}
         if self.early is not None:
@@ -102,7 +103,7 @@ def run_points(run_dir: str | Path, *, fit_fraction: float = DEFAULT_FIT_FRACTIO
 
 
 def _analyse(name: str, parts: Sequence[RunPoints], *, fit_fraction: float, n_boot: int,
-             seed: Sequence[int]) -> LawFit:
+             seed: Sequence[int], pooled: bool = False) -> LawFit:
     """Early fit on the concatenated fitted prefixes of `parts`, scored on their concatenated held-out steps."""
     cat = lambda sl: (np.concatenate([p.entropy[sl(p)] for p in parts]),  # noqa: E731
                       np.concatenate([p.reward[sl(p)] for p in parts]))
@@ -111,7 +112,7 @@ def _analyse(name: str, parts: Sequence[RunPoints], *, fit_fraction: float, n_bo
     h_last, r_last = cat(lambda p: slice(p.last_start, None))
     h_rest, r_rest = cat(lambda p: slice(p.n_fit, None))
     full = fit_entropy_law(h_all, r_all)
-    base = dict(name=name, steps=h_all.size, fit_steps=h_fit.size, full=full, held_out_last_half=h_last.size,
+    base = dict(name=name, pooled=pooled, steps=h_all.size, fit_steps=h_fit.size, full=full, held_out_last_half=h_last.size,
                 held_out_rest=h_rest.size)
     if h_fit.size < MIN_FIT_POINTS or np.ptp(h_fit) == 0:
         why = (f"{h_fit.size} fitted step(s) (first {fit_fraction:g} of {h_all.size}); the early fit needs >= "
@@ -137,15 +138,16 @@ def fit_runs(run_dirs: Sequence[str | Path], *, fit_fraction: float = DEFAULT_FI
     pts = [run_points(d, fit_fraction=fit_fraction) for d in run_dirs]
     fits = [_analyse(p.name, [p], fit_fraction=fit_fraction, n_boot=n_boot, seed=(seed, i)) for i, p in enumerate(pts)]
     if len(pts) > 1:
-        fits.append(_analyse(POOLED, pts, fit_fraction=fit_fraction, n_boot=n_boot, seed=(seed, len(pts))))
+        fits.append(_analyse(POOLED, pts, fit_fraction=fit_fraction, n_boot=n_boot, seed=(seed, len(pts)),
+                             pooled=True))
     return pts, fits
 
 
 def summary(fits: Sequence[LawFit], *, fit_fraction: float, n_boot: int, seed: int) -> dict:
     return {"law": "R = -a exp(H) + b", "fit_fraction": fit_fraction,
             "bootstrap": {"resamples": n_boot, "seed": seed, "level": LEVEL},
-            "runs": [f.as_json() for f in fits if f.name != POOLED],
-            "pooled": next((f.as_json() for f in fits if f.name == POOLED), None)}
+            "runs": [f.as_json() for f in fits if not f.pooled],
+            "pooled": next((f.as_json() for f in fits if f.pooled), None)}
 
 
 def _fmt(x: float, digits: int = 4) -> str:
@@ -162,10 +164,10 @@ def law_table(fits: Sequence[LawFit], *, fit_fraction: float):
     for col in ("steps", "fit", "a", "b", "RMSE last 50%", "RMSE rest", "R^2 all steps", "ceiling b-a",
                 f"bootstrap mean [{LEVEL:.0%}]"):
         t.add_column(col, justify="right", no_wrap=True)
-    names = [Path(f.name).name for f in fits]
+    names = [f.name if f.pooled else Path(f.name).name for f in fits]
     if len(set(names)) < len(names):  # two runs of the same directory name: show the paths as given
         names = [f.name for f in fits]
-    pool_next = lambda i: i == len(fits) - 2 and fits[-1].name == POOLED  # noqa: E731  a rule above the pool
+    pool_next = lambda i: i + 2 == len(fits) and fits[-1].pooled  # noqa: E731  a rule above the pool
     for i, f in enumerate(fits):
         e, c = f.early, f.ceiling
         t.add_row(names[i], str(f.steps), str(f.fit_steps), _fmt(e.a) if e else "-", _fmt(e.b) if e else "-",
@@ -189,15 +191,14 @@ def build_law_figure(points: Sequence[RunPoints], fits: Sequence[LawFit], *, fit
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
     h_max = max(float(p.entropy.max()) for p in points)
     grid = np.linspace(0.0, h_max, 120)
-    by_name = {f.name: f for f in fits}
     for i, p in enumerate(points):
         color = f"C{i % 10}"
         ax.scatter(p.entropy[:p.n_fit], p.reward[:p.n_fit], s=16, color=color, gid="law-fitted", label="_nolegend_")
         ax.scatter(p.entropy[p.n_fit:], p.reward[p.n_fit:], s=16, facecolors="none", edgecolors=color, alpha=0.7,
                    gid="law-held-out", label="_nolegend_")
-        _draw_fit(ax, by_name[p.name], grid, color=color)
-    if POOLED in by_name:
-        _draw_fit(ax, by_name[POOLED], grid, color="black", linestyle="--")
+        _draw_fit(ax, fits[i], grid, color=color)  # fit_runs: fits[i] is points[i]'s
+    for f in fits[len(points):]:
+        _draw_fit(ax, f, grid, color="black", linestyle="--")
     # one legend entry each for the two kinds of point, in grey: the colours are the runs'
     ax.scatter([], [], s=16, color="grey", label=f"fitted steps (first {fit_fraction:.0%} of each run)")
     ax.scatter([], [], s=16, facecolors="none", edgecolors="grey", label="held-out steps")
@@ -213,7 +214,7 @@ def build_law_figure(points: Sequence[RunPoints], fits: Sequence[LawFit], *, fit
 
 
 def _draw_fit(ax, f: LawFit, grid: np.ndarray, *, color, linestyle: str = "-") -> None:
-    label = "pooled" if f.name == POOLED else Path(f.name).name
+    label = f.name if f.pooled else Path(f.name).name
     if f.early is None:
         ax.plot(grid, f.full.predict(grid), color=color, linestyle=":", gid="law-full-fit",
                 label=f"{label}: fit on all steps (too few for the early fit)")
