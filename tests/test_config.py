@@ -98,7 +98,7 @@ BAD = {
     "model.dtype": "float8", "model.backend": "cuda", "model.precision": "fp4", "model.fp8_recipe": "nope",
     "model.activation_checkpointing": "some", "model.apex": "on", "model.compile": "maybe",
     "model.pipeline_layers": "[1,0]", "model.demo_warmup_steps": "-1", "model.attn_implementation": "eager",
-    "parallel.tp": "0", "parallel.pp": "-1", "parallel.backend": "mpi", "parallel.timeout_s": "0",
+    "parallel.tp": "0", "parallel.pp": "-1", "parallel.ep": "0", "parallel.backend": "mpi", "parallel.timeout_s": "0",
     "data.path": ("preflight", "data.path=/nonexistent/prompts.jsonl"),
     "data.task": ("preflight", "data.task=sudoku"), "data.task_max_digits": "0", "data.prompt_key": "''",
     "data.answer_key": "''", "data.max_prompt_len": "-1", "data.apply_chat_template": "maybe",

@@ -210,6 +210,28 @@ def _router_stats(pol, st, inp: dict, fam: str) -> dict:
     return {(fam, "router", st.tp): out} if dist.get_rank() == 0 else {}
 
 
+def _ep_ids(ids: torch.Tensor, dp_rank: int) -> torch.Tensor:
+    """Different tokens on each DP rank, so experts on the other EP rank see other ranks' tokens."""
+    return (ids + 37 * dp_rank) % V
+
+
+def _ep_checks(pol, st, inp: dict) -> dict:
+    """At EP = 2 (PP = 1): this DP rank's full-vocab logits of its own ids, and log p / entropy of the next tokens
+    through the fused head (the training path) on the final hidden states."""
+    from megaent.ops.fused_head import fused_head_logprobs_entropy
+
+    ids = _ep_ids(inp["ids"], st.dp_rank)
+    with torch.no_grad():
+        logits = _gather_vocab(pol(ids), st)[..., :V]
+        h = pol.final_hidden(ids)
+        logp, ent = fused_head_logprobs_entropy(h[:, :-1], pol.head_weight, ids[:, 1:], st.tp_group,
+                                                vocab_size=V, entropy_grad=False)
+    return dict(ids=ids, logits=logits, logp=logp, entropy=ent)
+
+
+EP_LAYOUTS = [(1, 2), (2, 2)]  # (tp, ep) at PP = 1 in the 4-rank world
+
+
 def _spawned(rank: int, world: int, dirs: dict[str, str], out_dir: str, inp: dict) -> dict:
     from megaent.model import load_hf, save_hf
     from megaent.parallel import init_parallel
@@ -226,6 +248,16 @@ def _spawned(rank: int, world: int, dirs: dict[str, str], out_dir: str, inp: dic
                 res[(fam, "mcore", tp, pp)] = dict(logits=logits, sp=pol.config.sequence_parallel)
             if (tp, pp) == (2, 2):
                 save_hf(pol, st, f"{out_dir}/{fam}")
+        if fam in MOE_FAMILIES:
+            for tp, ep in EP_LAYOUTS:
+                st = init_parallel(tp, 1, ep)
+                pol = load_hf(dirs[fam], st, engine="mcore")
+                assert len(pol.model.decoder.layers[0].mlp.experts.local_experts) == pol.arch.num_experts // ep
+                got = _ep_checks(pol, st, inp)
+                if st.tp_rank == 0:
+                    res[(fam, "ep", tp, ep, st.dp_rank)] = got
+                if tp == 1:
+                    save_hf(pol, st, f"{out_dir}/{fam}_ep2")
         st = init_parallel(2, 1)
         if fam in MOE_FAMILIES:
             res[(fam, "own refuses")] = _own_refuses_moe(dirs[fam], st)
@@ -284,6 +316,26 @@ def test_gpt_policy_logits_match_hf(results, fam, tp, pp):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("fam", MOE_FAMILIES)
+@pytest.mark.parametrize("tp,ep", EP_LAYOUTS)
+def test_expert_parallel_logits_and_entropies_match_hf(results, fam, tp, ep):
+    """Each DP rank feeds its own tokens; logits vs HF <= 1e-5, and the fused head's token log-probs / entropies
+    equal those of HF's logits (what EP = 1 computes) whichever EP rank ran each token's experts."""
+    res, dirs, _, inp = results
+    dp = 4 // tp
+    for d in range(dp):
+        got = res[(fam, "ep", tp, ep, d)]
+        ref = _ref_logits(dirs[fam], _ep_ids(inp["ids"], d))
+        assert torch.equal(got["ids"], _ep_ids(inp["ids"], d))
+        assert (got["logits"] - ref).abs().max().item() <= TOL, (fam, tp, ep, d)
+        lsm = torch.log_softmax(ref[:, :-1].double(), -1)
+        ent = -(lsm.exp() * lsm).sum(-1)
+        logp = lsm.gather(-1, got["ids"][:, 1:, None])[..., 0]
+        assert (got["entropy"].double() - ent).abs().max().item() <= TOL
+        assert (got["logp"].double() - logp).abs().max().item() <= TOL
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("fam", TP4_FAMILIES)
 def test_tp4_with_two_kv_heads_gradients_match_hf(results, fam):
     """TP=4 > 2 KV heads: each KV head's rows live on two ranks; the gathered gradients equal HF's (TP=1)."""
@@ -298,7 +350,8 @@ def test_tp4_with_two_kv_heads_gradients_match_hf(results, fam):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fam,sub", [(f, f) for f in LAYOUT_FAMILIES] + [(f, f"{f}_tp4") for f in TP4_FAMILIES])
+@pytest.mark.parametrize("fam,sub", [(f, f) for f in LAYOUT_FAMILIES] + [(f, f"{f}_tp4") for f in TP4_FAMILIES]
+                         + [(f, f"{f}_ep2") for f in MOE_FAMILIES])
 def test_save_hf_after_load_hf_is_bit_exact_and_loads(results, fam, sub):
     from safetensors.torch import load_file
 

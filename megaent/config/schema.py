@@ -42,6 +42,9 @@ class ParallelConfig:
     """Tensor-parallel size (splits heads, MLP and vocabulary)."""
     pp: int = 1
     """Pipeline-parallel size (splits decoder layers into stages)."""
+    ep: int = 1
+    """Expert-parallel size for MoE checkpoints (splits the experts over ep ranks of each DP group); must divide
+    the expert count and the data-parallel size world / (tp * pp)."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend; auto = NCCL when CUDA is available, else gloo."""
     timeout_s: int = 1800

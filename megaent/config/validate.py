@@ -35,6 +35,7 @@ RULES: dict[str, Rule] = {
     "model.demo_warmup_steps": _at_least(0, " (0 = RL from the random tiny policy)"),
     "parallel.tp": _at_least(1),
     "parallel.pp": _at_least(1),
+    "parallel.ep": _at_least(1, " (1 = every rank holds all experts)"),
     "parallel.timeout_s": _at_least(1, " seconds; the default is 1800"),
     "data.task_max_digits": _at_least(1),
     "data.prompt_key": ((lambda v: bool(v)), "must name the prompt field of the data file"),

@@ -121,6 +121,9 @@ class ModelArch:
     norm_topk_prob=false)."""
     router_aux_loss_coef: float = 0.0
     """The checkpoint's load-balancing loss coefficient (HF `router_aux_loss_coef`; used by training only)."""
+    output_router_logits: bool = False
+    """HF `output_router_logits`: HF adds `router_aux_loss_coef` x the load-balancing loss to the training loss
+    only when it is true; megaent's update does the same (`megaent.model.moe.aux_loss_coef`)."""
     dtype: Optional[str] = None
     """Checkpoint dtype from config.json (`dtype` or `torch_dtype`), e.g. "bfloat16"; None when absent."""
     hf_config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -202,6 +205,16 @@ class ModelArch:
             raise ValueError(f"parallel.tp={tp} does not divide the MLP intermediate size {ffn}")
         stage_layer_ranges(self.num_hidden_layers, pp, pipeline_layers)
 
+    def check_experts(self, ep: int) -> None:
+        """Raise ValueError when `ep` (parallel.ep) cannot split this model's experts evenly."""
+        if ep == 1:
+            return
+        if not self.num_experts:
+            raise ValueError(f"parallel.ep={ep} needs an MoE checkpoint; {self.model_type} has no experts (use ep=1)")
+        if self.num_experts % ep != 0:
+            raise ValueError(f"parallel.ep={ep} does not divide the number of experts {self.num_experts}; choose an "
+                             f"ep that divides it")
+
     def to_hf_config(self, *, dtype: Optional[str] = None) -> dict[str, Any]:
         """A transformers-5 style config.json dict; the original fields are kept when parsed from HF."""
         if self.hf_config:
@@ -282,7 +295,8 @@ def _moe_fields(cfg: dict[str, Any], fam: Family) -> dict[str, Any]:
     key = next((k for k in moe.experts_keys if cfg.get(k)), moe.experts_keys[0])
     return dict(num_experts=int(_req(cfg, key)), experts_per_token=int(_req(cfg, "num_experts_per_tok")),
                 moe_intermediate_size=int(_req(cfg, moe.size_key)), moe_renormalize=renorm,
-                router_aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.0)))
+                router_aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.0)),
+                output_router_logits=bool(cfg.get("output_router_logits", False)))
 
 
 def _sliding_window(cfg: dict[str, Any], fam: Family) -> Optional[int]:

@@ -97,13 +97,15 @@ class PackedCoreAttention(torch.nn.Module):
 
 def gpt_config(arch: ModelArch, *, tp: int, pp: int, dtype: torch.dtype = torch.float32,
                sequence_parallel: bool = False, pipeline_layers: Optional[list[int]] = None,
-               recompute: str = "none", fp8: Optional[str] = None, variable_seq_lengths: bool = True) -> Any:
+               recompute: str = "none", fp8: Optional[str] = None, variable_seq_lengths: bool = True,
+               ep: int = 1) -> Any:
     """megatron-core `TransformerConfig` for `arch` on a tp x pp layout.
 
     Fusions that need apex/TE kernels are off (the TE spec brings its own); dropout 0; CPU
     allocation, no megatron init (weights come from a checkpoint or `megaent.model.bridge`).
     recompute: "none" | "selective" | "full" (megatron-core's activation recomputation).
     fp8: None, or a Transformer Engine recipe name ("delayed", "tensorwise", "mxfp8", ...).
+    ep: expert-parallel size (MoE only; `ModelArch.check_experts` validates it).
     """
     from megatron.core.transformer import TransformerConfig
 
@@ -122,7 +124,8 @@ def gpt_config(arch: ModelArch, *, tp: int, pp: int, dtype: torch.dtype = torch.
         if recompute == "full":
             kw.update(recompute_method="uniform", recompute_num_layers=1)
     if arch.num_experts:
-        kw.update(_moe_config(arch))
+        arch.check_experts(ep)
+        kw.update(_moe_config(arch), expert_model_parallel_size=ep)
         # megatron-core's alltoall dispatcher opens a CUDA stream at build; the allgather one runs anywhere but
         # refuses variable_seq_lengths (MoE pipelines then need equal micro-batch lengths)
         variable_seq_lengths = False
@@ -156,7 +159,8 @@ def _moe_config(arch: ModelArch) -> dict[str, Any]:
     """megatron-core MoE settings reproducing HF Qwen3-MoE / Mixtral routing: softmax router; with
     renormalisation top-k of the logits then softmax over the k (= softmax, top-k, renormalise), without it
     softmax over all experts then top-k (`moe_router_pre_softmax`). No aux loss inside megatron-core (the
-    load-balancing loss is the trainer's, as HF defines it); sequential experts (no grouped GEMM); EP = 1."""
+    load-balancing loss is the trainer's, as HF defines it); sequential experts (no grouped GEMM); with EP the
+    allgather dispatcher gathers the tokens over TP x EP and each rank runs its num_experts / ep experts."""
     return dict(num_moe_experts=arch.num_experts, moe_router_topk=arch.experts_per_token,
                 moe_ffn_hidden_size=arch.moe_intermediate_size, moe_router_score_function="softmax",
                 moe_router_pre_softmax=not arch.moe_renormalize, moe_router_load_balancing_type="none",

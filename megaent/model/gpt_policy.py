@@ -23,7 +23,9 @@ Parameter layouts (megatron-core's, which the embedded rollout engine reads as w
   and bias are then collective (one all-gather on tp_group each) and every TP rank must call them in order.
 - Qwen3's q/k RMSNorm weights are megatron-core's `q_layernorm` / `k_layernorm` (replicated, [D]).
 - MoE (Qwen3-MoE, Mixtral): router `mlp.router.weight` [E, H] (HF `gate`), expert e's `linear_fc1` /
-  `linear_fc2` under `mlp.experts.local_experts.e` (EP = 1), TP-split like the dense MLP.
+  `linear_fc2` under `mlp.experts.local_experts.e`, TP-split like the dense MLP; with EP rank r of ep holds
+  the experts r * E/ep ... (r+1) * E/ep - 1 (`hf_names.expert_range`) as local_experts 0 ... E/ep - 1, and
+  its table view names only those (global ids), so load_hf reads only them.
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ import torch
 
 from megaent.model.arch import ModelArch, stage_layer_ranges
 from megaent.model.gpt import build_gpt, gpt_config
-from megaent.model.hf_names import ParamSpec, Part, build_local, padded_vocab_size, stage_param_specs
+from megaent.model.hf_names import (ParamSpec, Part, build_local, expert_range, padded_vocab_size,
+                                    stage_param_specs)
 from megaent.parallel import ParallelState
 
 _LAYER_NAMES = {  # megaent table name (after "layers.{i}.") -> GPTModel name (after "decoder.layers.{l}.")
@@ -86,7 +89,7 @@ class GPTPolicy(torch.nn.Module):
         self.activation_checkpointing = recompute != "none"
         sp = state.tp > 1 if sequence_parallel is None else sequence_parallel
         self.config = gpt_config(arch, tp=state.tp, pp=state.pp, dtype=dtype, sequence_parallel=sp,
-                                 pipeline_layers=pipeline_layers, recompute=recompute, fp8=fp8)
+                                 pipeline_layers=pipeline_layers, recompute=recompute, fp8=fp8, ep=state.ep)
         self.vocab_size = arch.vocab_size
         self.padded_vocab_size = padded_vocab_size(arch.vocab_size, state.tp, multiple=vocab_multiple)
         vl = self.padded_vocab_size // state.tp
@@ -102,13 +105,14 @@ class GPTPolicy(torch.nn.Module):
         self._qkv = dict(groups=arch.num_key_value_heads // state.tp,
                          q_per_group=arch.num_attention_heads // arch.num_key_value_heads, head_dim=arch.head_dim)
         self._kv_split = state.tp > arch.num_key_value_heads  # megatron-core's all-gathered QKV (docstring)
+        self.experts = expert_range(arch, state.ep_rank, state.ep) if arch.num_experts else None
 
     # ---- names ----------------------------------------------------------------------------------------------
     def param_specs(self) -> list[ParamSpec]:
         """HF names and TP kinds of this stage's parameters, by megaent's table (`megaent.model.hf_names`)."""
         st = self.state
         return stage_param_specs(self.arch, layers=self.layer_ids, first=st.is_first_stage, last=st.is_last_stage,
-                                 separate_head=not self.head_reuses_embedding)
+                                 separate_head=not self.head_reuses_embedding, experts=self.experts)
 
     def mcore_name(self, name: str) -> str:
         """megaent table name -> this stage's GPTModel parameter name (local layer index)."""
@@ -119,9 +123,12 @@ class GPTPolicy(torch.nn.Module):
             raise KeyError(f"{name!r} is not a parameter of pipeline stage {self.state.pp_rank}")
         rest = m.group(2)
         e = re.fullmatch(r"moe\.experts\.(\d+)\.(gate_up|down)\.weight", rest)
-        if e is not None:  # EP = 1: every expert is local
+        if e is not None:  # global expert id -> this EP rank's local index
+            if int(e.group(1)) not in self.experts:
+                raise KeyError(f"{name!r}: expert {e.group(1)} lives on another EP rank (this one holds "
+                               f"{self.experts.start}..{self.experts.stop - 1})")
             fc = "linear_fc1" if e.group(2) == "gate_up" else "linear_fc2"
-            tail = f"mlp.experts.local_experts.{e.group(1)}.{fc}.weight"
+            tail = f"mlp.experts.local_experts.{int(e.group(1)) - self.experts.start}.{fc}.weight"
         else:
             tail = (_TE_NORMS.get(rest) if self.backend == "te" else None) or _LAYER_NAMES[rest]
         return f"model.decoder.layers.{self.layer_ids.index(int(m.group(1)))}.{tail}"

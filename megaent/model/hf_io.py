@@ -12,7 +12,9 @@ TP rank 0 of the owning stage (`gather` on tp_group), merged into HF tensors
 safetensors files of at most `max_shard_bytes` (with an index when there are
 several), `config.json`, and the tokenizer files of the source checkpoint,
 into a temporary directory that is renamed into place at the end. Ends with a
-barrier on the default group.
+barrier on the default group. With expert parallelism an expert's weights come
+from the EP rank that holds it (its expert-data-parallel rank 0) instead of DP
+rank 0 (one all_gather_object of the rank coordinates first).
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megaent.model.arch import ModelArch
-from megaent.model.hf_names import ParamSpec, Part, merge_tp, model_param_specs, tp_slice, unfuse_local
+from megaent.model.hf_names import (ParamSpec, Part, expert_range, is_expert_param, merge_tp, model_param_specs,
+                                    tp_slice, unfuse_local)
 from megaent.model.policy import Policy
 from megaent.parallel import ParallelState
 
@@ -166,13 +169,21 @@ def save_hf(policy: Policy, state: ParallelState, out_dir: str | Path, *, dtype:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         writer = _ShardWriter(tmp, max_shard_bytes)
-    if state.dp_rank == 0:
+    ep = getattr(state, "ep", 1)
+    coords = _rank_coords(state) if ep > 1 else None
+    if state.dp_rank == 0 or (ep > 1 and state.edp_rank == 0):
         params = policy.megaent_params() if hasattr(policy, "megaent_params") else dict(policy.named_parameters())
         for stage, specs in enumerate(plan):
             for spec in specs:
-                full = _gather_param(policy, state, spec, params, stage)
+                owner = _expert_owner(policy, spec, ep)
+                mine = state.dp_rank == 0 if owner is None else state.edp_rank == 0 and state.ep_rank == owner
+                if not mine and state.rank != 0:
+                    continue
+                full = _gather_param(policy, state, spec, params, stage) if mine else None
+                src = state.pp_ranks[stage] if coords is None else coords[
+                    (stage, 0, 0 if owner is None else owner, 0, owner is None)]
                 for part in spec.parts:
-                    t = _to_rank0(state, full, part, stage, policy.dtype)
+                    t = _to_rank0(state, full, part, src, policy.dtype)
                     if writer is not None:
                         writer.add(part.hf_name, t.to("cpu", save_dtype))
     if writer is not None:
@@ -188,6 +199,29 @@ def save_hf(policy: Policy, state: ParallelState, out_dir: str | Path, *, dtype:
     if dist.is_initialized():
         dist.barrier()
     return out_dir
+
+
+def _expert_owner(policy: Policy, spec: ParamSpec, ep: int) -> Optional[int]:
+    """The EP rank holding the expert `spec` belongs to; None for a parameter every EP rank holds."""
+    if ep == 1 or not is_expert_param(spec.name):
+        return None
+    e = int(spec.name.split(".moe.experts.")[1].split(".")[0])
+    return next(r for r in range(ep) if e in expert_range(policy.arch, r, ep))
+
+
+def _rank_coords(state: ParallelState) -> dict[tuple, int]:
+    """(pp_rank, tp_rank, ep_rank, edp_rank, dense?) -> global rank of the exporting ranks: for dense parameters
+    DP rank 0 (ep_rank/edp_rank keys 0), for experts expert-DP rank 0 of each EP rank. One all_gather_object."""
+    rows: list = [None] * state.world_size
+    dist.all_gather_object(rows, (state.rank, state.pp_rank, state.tp_rank, state.dp_rank, state.ep_rank,
+                                  state.edp_rank))
+    out: dict[tuple, int] = {}
+    for rank, pp, tp, dp, ep, edp in rows:
+        if dp == 0:
+            out[(pp, tp, 0, 0, True)] = rank
+        if edp == 0:
+            out[(pp, tp, ep, 0, False)] = rank
+    return out
 
 
 def _gather_param(policy: Policy, state: ParallelState, spec: ParamSpec, params: dict, stage: int
@@ -208,14 +242,14 @@ def _gather_param(policy: Policy, state: ParallelState, spec: ParamSpec, params:
             for j, p in enumerate(spec.parts)}
 
 
-def _to_rank0(state: ParallelState, full: Optional[dict[str, torch.Tensor]], part: Part, stage: int,
+def _to_rank0(state: ParallelState, full: Optional[dict[str, torch.Tensor]], part: Part, src: int,
               dtype: torch.dtype) -> Optional[torch.Tensor]:
-    """Move one merged tensor from TP rank 0 of `stage` to global rank 0 (send/recv; no-op for stage 0)."""
-    if stage == 0:
+    """Move one merged tensor from global rank `src` (TP rank 0 of its owners) to global rank 0 (send/recv;
+    no-op when src is 0)."""
+    if src == 0:
         return full[part.hf_name] if full is not None else None
-    src = state.pp_ranks[stage]
     if full is not None and state.tp_rank == 0:
-        dist.send(full[part.hf_name].contiguous(), dst=state.pp_ranks[0])
+        dist.send(full[part.hf_name].contiguous(), dst=0)
         return None
     if state.rank == 0:
         buf = torch.empty(part.shape, dtype=dtype, device=state.device)

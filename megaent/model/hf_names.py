@@ -47,7 +47,7 @@ def padded_vocab_size(vocab_size: int, tp: int, *, multiple: int = 1) -> int:
     return -(-vocab_size // unit) * unit
 
 
-def _layer_parts(arch: ModelArch, l: int) -> dict[str, list[tuple[str, str, tuple[int, ...]]]]:
+def _layer_parts(arch: ModelArch, l: int, experts: Optional[range] = None) -> dict[str, list[tuple[str, str, tuple[int, ...]]]]:
     h, q, kv, i, d = arch.hidden_size, arch.q_size, arch.kv_size, arch.intermediate_size, arch.head_dim
     p = f"model.layers.{l}."
     table = {
@@ -72,19 +72,21 @@ def _layer_parts(arch: ModelArch, l: int) -> dict[str, list[tuple[str, str, tupl
         del table[f"layers.{l}.attn.q_norm.weight"], table[f"layers.{l}.attn.k_norm.weight"]
     if arch.num_experts:
         del table[f"layers.{l}.mlp.gate_up.weight"], table[f"layers.{l}.mlp.down.weight"]
-        table.update(_moe_parts(arch, l))
+        table.update(_moe_parts(arch, l, experts))
     return table
 
 
-def _moe_parts(arch: ModelArch, l: int) -> dict[str, list[tuple[str, str, tuple[int, ...]]]]:
-    """Router (replicated [E, H]) and every expert's SwiGLU, TP-split like the dense MLP (EP = 1)."""
+def _moe_parts(arch: ModelArch, l: int, experts: Optional[range] = None
+               ) -> dict[str, list[tuple[str, str, tuple[int, ...]]]]:
+    """Router (replicated [E, H]) and the SwiGLU of each expert in `experts` (global ids; None = all, EP = 1),
+    TP-split like the dense MLP."""
     from megaent.model.arch import FAMILIES
 
     names = FAMILIES[arch.model_type].moe
     h, i = arch.hidden_size, arch.moe_intermediate_size
     p = f"model.layers.{l}.{names.block}."
     table = {f"layers.{l}.moe.router.weight": [(p + "gate.weight", "replicated", (arch.num_experts, h))]}
-    for e in range(arch.num_experts):
+    for e in range(arch.num_experts) if experts is None else experts:
         x = f"{p}experts.{e}."
         table[f"layers.{l}.moe.experts.{e}.gate_up.weight"] = [(x + f"{names.gate}.weight", "column", (i, h)),
                                                               (x + f"{names.up}.weight", "column", (i, h))]
@@ -92,9 +94,20 @@ def _moe_parts(arch: ModelArch, l: int) -> dict[str, list[tuple[str, str, tuple[
     return table
 
 
+def expert_range(arch: ModelArch, ep_rank: int, ep: int) -> range:
+    """Global ids of the experts EP rank `ep_rank` of `ep` holds (contiguous, as megatron-core places them)."""
+    n = arch.num_experts // ep
+    return range(ep_rank * n, (ep_rank + 1) * n)
+
+
+def is_expert_param(name: str) -> bool:
+    """True for a megaent table name of one expert's weight (split over EP, not replicated over DP)."""
+    return ".moe.experts." in name
+
+
 def stage_param_specs(arch: ModelArch, *, layers: Iterable[int], first: bool, last: bool,
-                      separate_head: bool) -> list[ParamSpec]:
-    """Specs of one pipeline stage's parameters, in module order.
+                      separate_head: bool, experts: Optional[range] = None) -> list[ParamSpec]:
+    """Specs of one pipeline stage's parameters, in module order; MoE: the experts in `experts` (None = all).
 
     `separate_head`: the last stage owns a `head.weight` (untied, or tied with PP > 1 where it is
     initialised from the embedding tensor); False when the head reuses `embed.weight`.
@@ -104,7 +117,7 @@ def stage_param_specs(arch: ModelArch, *, layers: Iterable[int], first: bool, la
     if first:
         table["embed.weight"] = [("model.embed_tokens.weight", "vocab", (v, h))]
     for l in layers:
-        table.update(_layer_parts(arch, l))
+        table.update(_layer_parts(arch, l, experts))
     if last:
         table["final_norm.weight"] = [("model.norm.weight", "replicated", (h,))]
         if separate_head:

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from megaent.ops.stats import global_sum
+
 
 @contextlib.contextmanager
 def capture_router_logits(policy: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
@@ -45,16 +47,6 @@ def capture_router_logits(policy: torch.nn.Module) -> Iterator[list[torch.Tensor
             h.remove()
 
 
-def _global_sum(local: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
-    """Sum over `group` whose gradient is the local term's own (the other ranks' terms enter as constants);
-    one all-reduce on `group`, none backward."""
-    if group is None or dist.get_world_size(group) == 1:
-        return local
-    total = local.detach().clone()
-    dist.all_reduce(total, group=group)
-    return local + (total - local.detach())
-
-
 def load_balancing_loss(router_logits: list[torch.Tensor], *, num_experts: int, top_k: int,
                         token_mask: Optional[torch.Tensor] = None,
                         group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
@@ -67,9 +59,9 @@ def load_balancing_loss(router_logits: list[torch.Tensor], *, num_experts: int, 
     probs = torch.softmax(logits.float(), dim=-1)  # [L*T, E]
     chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, num_experts).float()  # [L*T, k, E]
     w = torch.ones(probs.shape[0], device=probs.device) if mask is None else mask
-    count = _global_sum(w.sum(), group)
-    tokens_per_expert = _global_sum((chosen * w[:, None, None]).sum(0), group) / count  # [k, E]
-    prob_per_expert = _global_sum((probs * w[:, None]).sum(0), group) / count  # [E]
+    count = global_sum(w.sum(), group)
+    tokens_per_expert = global_sum((chosen * w[:, None, None]).sum(0), group) / count  # [k, E]
+    prob_per_expert = global_sum((probs * w[:, None]).sum(0), group) / count  # [E]
     return (tokens_per_expert * prob_per_expert[None]).sum() * num_experts
 
 
@@ -86,3 +78,19 @@ def router_entropy(router_logits: list[torch.Tensor], *, token_mask: Optional[to
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(both, group=group)
         return both[0] / both[1].clamp(min=1.0)
+
+
+def aux_loss_coef(arch) -> float:
+    """The coefficient HF trains the load-balancing loss with: `router_aux_loss_coef` when config.json's
+    `output_router_logits` is true, else 0 (HF computes no aux loss then)."""
+    return float(arch.router_aux_loss_coef) if arch.output_router_logits else 0.0
+
+
+def micro_batch_router_terms(router_logits: list[torch.Tensor], arch, *, group: Optional[dist.ProcessGroup] = None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(HF's load-balancing loss, router entropy) of one forward's captured router logits (every token real, as
+    in a packed micro-batch); `group` holds the other tokens of the forward (tp_group under sequence
+    parallelism). Two all-reduces on `group`."""
+    aux = load_balancing_loss(router_logits, num_experts=arch.num_experts, top_k=arch.experts_per_token,
+                              group=group)
+    return aux, router_entropy(router_logits, group=group)

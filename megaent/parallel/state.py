@@ -50,6 +50,10 @@ class ParallelState:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: str = "gloo"
     launch: Optional[LaunchEnv] = None
+    ep: int = 1  # expert parallelism: MoE experts split over ep ranks carved out of DP (megatron-core's layout)
+    ep_rank: int = 0
+    ep_group: Optional[dist.ProcessGroup] = None
+    edp_rank: int = 0  # rank among the replicas of this rank's experts (expert-data-parallel)
 
     @property
     def is_first_stage(self) -> bool:
@@ -79,9 +83,10 @@ def _pick_backend(backend: str) -> str:
     return backend
 
 
-def init_parallel(tp: int = 1, pp: int = 1, *, backend: str = "auto", timeout_s: int = 1800,
+def init_parallel(tp: int = 1, pp: int = 1, ep: int = 1, *, backend: str = "auto", timeout_s: int = 1800,
                   seed: int = 0) -> ParallelState:
-    """Initialise torch.distributed and the TP/PP/DP groups; DP = world / (TP * PP).
+    """Initialise torch.distributed and the TP/PP/DP groups; DP = world / (TP * PP). `ep` splits MoE experts over
+    ep ranks of each DP group (megatron-core's expert_model_parallel_size; ep must divide DP).
 
     Reads torchrun or Slurm variables (see `megaent.parallel.launch`); a bare
     process becomes a world of one. Safe to call when the default group exists.
@@ -95,6 +100,10 @@ def init_parallel(tp: int = 1, pp: int = 1, *, backend: str = "auto", timeout_s:
     if env.world_size % (tp * pp) != 0:
         raise ParallelError(f"world size {env.world_size} is not divisible by parallel.tp * parallel.pp = "
                             f"{tp} * {pp}; launch a multiple of {tp * pp} processes or change parallel.tp/pp")
+    dp = env.world_size // (tp * pp)
+    if ep < 1 or dp % ep != 0:
+        raise ParallelError(f"parallel.ep={ep} must divide the data-parallel size {dp} (world {env.world_size} / "
+                            f"(tp {tp} * pp {pp})); launch more processes or lower parallel.ep")
     backend = _pick_backend(backend)
     device = torch.device("cpu")
     if backend == "nccl":
@@ -109,7 +118,7 @@ def init_parallel(tp: int = 1, pp: int = 1, *, backend: str = "auto", timeout_s:
         mps.destroy_model_parallel()
         _destroy_subgroups()
     mps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                  distributed_timeout_minutes=max(1, timeout_s // 60))
+                                  expert_model_parallel_size=ep, distributed_timeout_minutes=max(1, timeout_s // 60))
     if device.type == "cpu":
         from megaent.parallel import cpu_backend
 
@@ -125,7 +134,8 @@ def init_parallel(tp: int = 1, pp: int = 1, *, backend: str = "auto", timeout_s:
         embedding_group=mps.get_embedding_group(check_initialized=False),
         pp_ranks=list(dist.get_process_group_ranks(mps.get_pipeline_model_parallel_group())),
         dp_ranks=list(dist.get_process_group_ranks(mps.get_data_parallel_group())),
-        device=device, backend=backend, launch=env,
+        device=device, backend=backend, launch=env, ep=ep, ep_rank=mps.get_expert_model_parallel_rank(),
+        ep_group=mps.get_expert_model_parallel_group(), edp_rank=mps.get_expert_data_parallel_rank(),
     )
     log.debug("rank %d: tp %d/%d pp %d/%d dp %d/%d", rank, state.tp_rank, tp, state.pp_rank, pp, state.dp_rank,
               state.dp)

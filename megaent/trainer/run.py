@@ -116,6 +116,23 @@ def check_layout(cfg: Config, *, world: int) -> None:
         raise ConfigError(f"parallel.pp={pp}: exceeds the model's num_hidden_layers={layers}; use pp <= {layers}")
     if split is not None and sum(split) != layers:
         raise ConfigError(f"model.pipeline_layers={split}: must sum to the model's num_hidden_layers={layers}")
+    check_experts(cfg.parallel.ep, dp=world // (tp * pp), experts=arch.get("num_experts") or
+                  arch.get("num_local_experts") or 0)
+
+
+def check_experts(ep: int, *, dp: int, experts: int) -> None:
+    """parallel.ep must divide the model's expert count and the data-parallel size (megatron-core carves the
+    expert ranks out of DP)."""
+    if ep == 1:
+        return
+    if not experts:
+        raise ConfigError(f"parallel.ep={ep}: the model has no experts (not an MoE checkpoint); use parallel.ep=1")
+    if experts % ep:
+        raise ConfigError(f"parallel.ep={ep}: does not divide the model's {experts} experts; choose an ep that "
+                          "divides it")
+    if dp % ep:
+        raise ConfigError(f"parallel.ep={ep}: does not divide the data-parallel size {dp} (world / (tp * pp)); "
+                          "launch more processes or lower parallel.ep")
 
 
 def _can_create_in(directory: Path) -> bool:
@@ -178,7 +195,7 @@ def train(cfg: Config, *, config_path: Optional[str] = None) -> int:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         from megaent.trainer.trainer import Trainer
 
-        state = init_parallel(cfg.parallel.tp, cfg.parallel.pp, backend=cfg.parallel.backend,
+        state = init_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep, backend=cfg.parallel.backend,
                               timeout_s=cfg.parallel.timeout_s)
     except BaseException:
         stop.uninstall()

@@ -163,17 +163,21 @@ def train_mini_batch(engine: Engine, micro_batches: Sequence[MicroBatch], *, los
                                  temperature=temperature) if global_scope else {}
     loss_group = dp if global_scope or loss_cfg.policy_loss == "ppo" else None
 
+    router = _RouterLoss(engine, state, len(micro_batches))
+
     def loss_fn(lp: torch.Tensor, ent: torch.Tensor, mb: MicroBatch) -> tuple[torch.Tensor, dict]:
         ref = mb.ref_logprobs if loss_cfg.kl_coef != 0.0 else None
         if old_from_current:
             mb.logprobs, mb.entropy = lp.detach().float(), ent.detach().float()
             mb.old_logprobs = mb.logprobs
-        return policy_loss(lp, mb.old_logprobs, mb.advantages, mb.mask, loss_cfg, loss_group, generator,
-                           selected=selected.get(id(mb)), token_uid=mb.token_uid, denominator=denom,
-                           entropy=ent if loss_cfg.entropy_coef != 0.0 else ent.detach(), ref_logprobs=ref)
+        loss, stats = policy_loss(lp, mb.old_logprobs, mb.advantages, mb.mask, loss_cfg, loss_group, generator,
+                                  selected=selected.get(id(mb)), token_uid=mb.token_uid, denominator=denom,
+                                  entropy=ent if loss_cfg.entropy_coef != 0.0 else ent.detach(), ref_logprobs=ref)
+        return router.add(loss, stats)
 
-    per_mb = forward_backward(engine, micro_batches, loss_fn, temperature=temperature,
-                              entropy_grad=loss_cfg.entropy_coef != 0.0, on_hidden=on_hidden)
+    with router.capture():
+        per_mb = forward_backward(engine, micro_batches, loss_fn, temperature=temperature,
+                                  entropy_grad=loss_cfg.entropy_coef != 0.0, on_hidden=on_hidden)
     if old_from_current and state.pp > 1:
         flat = [t for mb in micro_batches for t in (mb.logprobs, mb.entropy)] if state.is_last_stage else None
         flat = _broadcast_from_last_stage(flat, [mb.mask for mb in micro_batches for _ in range(2)], state=state)
@@ -183,6 +187,55 @@ def train_mini_batch(engine: Engine, micro_batches: Sequence[MicroBatch], *, los
     out = engine.step(lr)
     out.update(_loss_stats(per_mb, engine=engine, state=state, dp=dp))
     return out
+
+
+class _RouterLoss:
+    """MoE policies at PP = 1: HF's load-balancing loss of each micro-batch's forward (HF computes it per forward)
+    added to the loss with `megaent.model.moe.aux_loss_coef` (router_aux_loss_coef when config.json's
+    output_router_logits is true), averaged over micro-batches and DP ranks like the policy loss; its value and
+    the router entropy become moe/aux_loss and moe/router_entropy. Dense models and PP > 1 (the routers of
+    earlier stages are not on the last stage): nothing."""
+
+    def __init__(self, engine: Engine, state: ParallelState, n_micro: int) -> None:
+        arch = getattr(engine.policy, "arch", None)
+        self.on = bool(getattr(arch, "num_experts", 0)) and state.pp == 1
+        self.policy, self.arch, self.logits = engine.policy, arch, []
+        if self.on:
+            from megatron.core.transformer.moe.router import TopKRouter
+
+            # recomputation (activation checkpointing) re-runs the routers in backward: the last `layers`
+            # captured logits are always the current forward's
+            self.layers = sum(isinstance(m, TopKRouter) for m in engine.policy.modules())
+            from megaent.model.moe import aux_loss_coef
+
+            self.coef = aux_loss_coef(arch) / (n_micro * state.dp)
+            sp = bool(getattr(engine.policy.config, "sequence_parallel", False)) and state.tp > 1
+            self.group = state.tp_group if sp else None
+
+    def capture(self) -> Any:
+        import contextlib
+
+        from megaent.model.moe import capture_router_logits
+
+        if not self.on:
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def cm():
+            with capture_router_logits(self.policy) as self.logits:
+                yield
+        return cm()
+
+    def add(self, loss: torch.Tensor, stats: dict) -> tuple[torch.Tensor, dict]:
+        if not self.on:
+            return loss, stats
+        from megaent.model.moe import micro_batch_router_terms
+
+        aux, ent = micro_batch_router_terms(self.logits[-self.layers:], self.arch, group=self.group)
+        self.logits.clear()  # the next micro-batch's forward appends its own
+        if self.coef:
+            loss = loss + self.coef * aux
+        return loss, {**stats, "moe/aux_loss": aux.detach(), "moe/router_entropy": ent}
 
 
 def _loss_stats(per_mb: list[dict], *, engine: Engine, state: ParallelState, dp: Optional[dist.ProcessGroup]
@@ -195,7 +248,8 @@ def _loss_stats(per_mb: list[dict], *, engine: Engine, state: ParallelState, dp:
         if dp is not None:
             dist.all_reduce(loss, group=dp)
         skip = {"loss", "logprobs", "entropy"}
-        stats = {f"actor/{k}": float(torch.stack([s[k] for s in per_mb]).mean()) for k in per_mb[0] if k not in skip}
+        stats = {(k if k.startswith("moe/") else f"actor/{k}"): float(torch.stack([s[k] for s in per_mb]).mean())
+                 for k in per_mb[0] if k not in skip}
         box[0] = {"actor/loss": float(loss), **stats}
     if state.pp > 1:
         dist.broadcast_object_list(box, src=state.pp_ranks[-1], group=engine.pp_host)
