@@ -1,20 +1,20 @@
 """`megaent --help` and `megaent VERB --help` for every verb: they work, explain every option, and start fast.
 
 Runs the installed `megaent` console script (shutil.which, not `python -m`), as a user types it. The time
-bound is wall-clock per command on this 2-core machine: measured 0.23-0.47 s each (the Python start-up of
-the console script plus megaent.cli, which imports no torch, megatron-core or transformers); the bound of
-1.0 s is the issue's (#22). Each command is timed as the best of 3 runs, so a neighbour's burst of load on
-the shared cores does not fail it.
+bound is the CPU time (user + system) per command on this 2-core machine: the Python start-up of the console
+script plus megaent.cli, which imports no torch, megatron-core or transformers; the bound of 1.0 s is the
+issue's (#22). CPU time, not wall time, and the best of 3 runs, so a neighbour's load on the shared cores does
+not fail it.
 
     OMP_NUM_THREADS=1 python -m pytest tests/test_cli_help.py -x -q
 """
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -22,6 +22,13 @@ from megaent.cli import build_parser
 
 HELP_BOUND_S = 1.0
 VERBS = sorted(build_parser().verbs)  # type: ignore[attr-defined]
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds (user + system) of this process's finished children: what the command costs, unlike its
+    wall time, which a neighbour's load on the shared cores inflates (a loaded CI host failed wall-clock bounds)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def megaent() -> str:
@@ -40,13 +47,13 @@ def test_help_explains_and_starts_fast(verb: str):
     argv = [megaent(), *([verb] if verb else []), "--help"]
     best = float("inf")
     for _ in range(3):
-        t0 = time.perf_counter()
+        before = _children_cpu_s()
         out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, _children_cpu_s() - before)
         assert out.returncode == 0, out.stderr
         if best < HELP_BOUND_S:
             break
-    assert best < HELP_BOUND_S, f"`{' '.join(argv[1:])}` took {best:.2f} s (best of 3); keep heavy imports lazy"
+    assert best < HELP_BOUND_S, f"`{' '.join(argv[1:])}` took {best:.2f} CPU s (best of 3); keep heavy imports lazy"
     assert out.stderr == ""
     assert out.stdout.startswith(f"usage: megaent{' ' + verb if verb else ''}")
     parser = build_parser()
