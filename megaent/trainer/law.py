@@ -196,9 +196,9 @@ def build_law_figure(points: Sequence[RunPoints], fits: Sequence[LawFit], *, fit
         ax.scatter(p.entropy[:p.n_fit], p.reward[:p.n_fit], s=16, color=color, gid="law-fitted", label="_nolegend_")
         ax.scatter(p.entropy[p.n_fit:], p.reward[p.n_fit:], s=16, facecolors="none", edgecolors=color, alpha=0.7,
                    gid="law-held-out", label="_nolegend_")
-        _draw_fit(ax, fits[i], grid, color=color)  # fit_runs: fits[i] is points[i]'s
+        draw_law_fit(ax, fits[i], grid, color=color)  # fit_runs: fits[i] is points[i]'s
     for f in fits[len(points):]:
-        _draw_fit(ax, f, grid, color="black", linestyle="--")
+        draw_law_fit(ax, f, grid, color="black", linestyle="--")
     # one legend entry each for the two kinds of point, in grey: the colours are the runs'
     ax.scatter([], [], s=16, color="grey", label=f"fitted steps (first {fit_fraction:.0%} of each run)")
     ax.scatter([], [], s=16, facecolors="none", edgecolors="grey", label="held-out steps")
@@ -213,7 +213,10 @@ def build_law_figure(points: Sequence[RunPoints], fits: Sequence[LawFit], *, fit
     return fig
 
 
-def _draw_fit(ax, f: LawFit, grid: np.ndarray, *, color, linestyle: str = "-") -> None:
+def draw_law_fit(ax, f: LawFit, grid: np.ndarray, *, color, linestyle: str = "-") -> None:
+    """Draw one LawFit on a matplotlib Axes: the early fit over `grid` (entropy values, from 0) with the 90% band
+    of its bootstrap refits, the ceiling at H = 0 with its interval; the full fit, dotted, when there is no early
+    fit. Gids law-fit / law-band / law-ceiling / law-ceiling-interval / law-full-fit name the artists."""
     label = f.name if f.pooled else Path(f.name).name
     if f.early is None:
         ax.plot(grid, f.full.predict(grid), color=color, linestyle=":", gid="law-full-fit",
