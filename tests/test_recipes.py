@@ -4,6 +4,8 @@ written out here from those scripts, not read from megaent's schema. Loads confi
 
     OMP_NUM_THREADS=1 python -m pytest tests/test_recipes.py -q
 """
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -52,3 +54,20 @@ def test_recipe_matches_paper_script(size: str, method: str) -> None:
 def test_demo_clip_cov_uses_the_papers_ratio_clip() -> None:
     cfg = load_config(CONFIGS / "demo_clip_cov.yaml")
     assert (cfg.algorithm.clip_ratio_low, cfg.algorithm.clip_ratio_high) == (1.0, 1.0)
+
+
+@pytest.mark.parametrize("size", ["7b", "32b"])
+@pytest.mark.parametrize("method", ["grpo", "clip-cov", "kl-cov"])
+def test_recipe_fits_80gb_by_megaent_plan(size: str, method: str) -> None:
+    """`megaent plan configs/qwen2.5-<size>-<method>.yaml` (the installed console script, as docs/memory.md shows
+    it) says the recipe's layout fits an 80 GB GPU, with its rollout servers on their own nodes."""
+    exe = shutil.which("megaent")
+    assert exe is not None, "the `megaent` console script is not on PATH; pip install -e ."
+    out = subprocess.run([exe, "plan", str(CONFIGS / f"qwen2.5-{size}-{method}.yaml")], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    verdict = out.stdout.strip().splitlines()[-1]
+    assert verdict.endswith("of 80 GiB: fits"), out.stdout
+    assert "rollout servers on their own nodes" in out.stdout
+    peak = float(verdict.split()[1])
+    assert 20 < peak < 80, verdict  # a real model's plan, not an empty one
