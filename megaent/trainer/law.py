@@ -1,7 +1,7 @@
 """`megaent fit-law RUN_DIR ...`: does R = -a exp(H) + b, fitted on the start of training, predict the rest?
 
-The paper's use of its law (Cui et al. 2025, arXiv 2505.22617, Sec. 3 and Fig. 5): fit R = -a exp(H) + b on
-the first `fit_fraction` of a run's steps, then check the prediction on the steps it never saw and read off
+The paper's use of its law (Cui et al. 2025, arXiv 2505.22617): fit R = -a exp(H) + b on the first
+`fit_fraction` of a run's steps, then check the prediction on the steps it never saw and read off
 the predicted ceiling R(H=0) = b - a. Per run and pooled over all given runs (e.g. the seeds of a method) this
 reports:
 
@@ -104,7 +104,8 @@ def run_points(run_dir: str | Path, *, fit_fraction: float = DEFAULT_FIT_FRACTIO
 
 def _analyse(name: str, parts: Sequence[RunPoints], *, fit_fraction: float, n_boot: int,
              seed: Sequence[int], pooled: bool = False) -> LawFit:
-    """Early fit on the concatenated fitted prefixes of `parts`, scored on their concatenated held-out steps."""
+    """Early fit on the concatenated fitted prefixes of `parts`, scored on their concatenated held-out steps. For
+    a pool the bootstrap resamples all fitted steps together (not per run): the runs are seeds of one law."""
     cat = lambda sl: (np.concatenate([p.entropy[sl(p)] for p in parts]),  # noqa: E731
                       np.concatenate([p.reward[sl(p)] for p in parts]))
     h_all, r_all = cat(lambda p: slice(None))
@@ -208,7 +209,7 @@ def build_law_figure(points: Sequence[RunPoints], fits: Sequence[LawFit], *, fit
     ax.set_title(f"R = -a exp(H) + b fitted on the first {fit_fraction:.0%} of steps, extrapolated to H = 0\n"
                  f"(hollow: held out; star: ceiling b - a with its bootstrap {LEVEL:.0%} interval)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")  # the points fall from top left to bottom right
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     return fig
 
