@@ -106,8 +106,10 @@ class RolloutConfig:
     """Sample every response to max_new_tokens: EOS does not stop a sample (benchmarks with equal lengths)."""
     request_timeout_s: float = 600.0
     """HTTP timeout of one generate request."""
-    weight_sync: Literal["disk", "nccl"] = "disk"
-    """How updated weights reach the rollout servers."""
+    weight_sync: Literal["disk", "distributed", "nccl"] = "disk"
+    """How updated weights reach rollout servers: disk (save_hf + /update_weights_from_disk) or distributed
+    (SGLang's /update_weights_from_distributed over a process group, NCCL on GPUs, gloo on CPU; no file);
+    "nccl" is an alias of distributed."""
     sglang_mem_fraction: float = 0.8
     """--mem-fraction-static for launched SGLang servers."""
     sglang_tp: int = 1

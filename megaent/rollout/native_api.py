@@ -2,8 +2,12 @@
 
 POST|PUT /generate (SSE with `stream`), GET /health, /health_generate, /model_info, /server_info (and the
 deprecated /get_model_info, /get_server_info), GET|POST /flush_cache, POST /update_weights_from_disk,
-/update_weight_version, /pause_generation, /continue_generation, /abort_request. Answer shapes follow
-SGLang's; `/update_weights_from_disk` checks and rolls back (megaent.rollout.weight_update).
+/update_weight_version, /pause_generation, /continue_generation, /abort_request, and the weight sync over a
+process group: /init_weights_update_group, /destroy_weights_update_group, /begin_weight_update,
+/update_weights_from_distributed, /end_weight_update (megaent.rollout.dist_update), and GET|POST
+/get_weights_by_name (SGLang's test route: rank 0's shard of one HF tensor, truncated rows). Answer shapes follow
+SGLang's; `/update_weights_from_disk` checks and rolls back (megaent.rollout.weight_update), the distributed
+update checks a whole request (or session) before any weight changes.
 """
 from __future__ import annotations
 
@@ -12,12 +16,13 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Optional
 
 from aiohttp import web
 
+from megaent.rollout.dist_update import DIST_OPS, parse_dtype, weights_by_name
 from megaent.rollout.generation import format_result, run_generate, stream_texts
-from megaent.rollout.protocol import BadRequest, get_bool, parse_generate
+from megaent.rollout.protocol import BadRequest, get_bool, get_int, parse_generate
 from megaent.rollout.serve_context import ServeContext, bad_request, read_json, send_sse
 from megaent.rollout.types import SamplingParams
 from megaent.rollout.weight_update import WeightMismatch, check_compatible
@@ -187,3 +192,143 @@ def add_native_routes(app: web.Application, ctx: ServeContext) -> None:
     r.add_post("/abort_request", abort_request)
     r.add_get("/flush_cache", flush_cache)
     r.add_post("/flush_cache", flush_cache)
+    add_dist_routes(app, ctx)
+
+
+def _str_field(body: dict, key: str, default: Any = None) -> str:
+    v = body.get(key, default)
+    if not isinstance(v, str) or not v:
+        raise BadRequest(f"{key}={v!r:.80}: required, a non-empty string")
+    return v
+
+
+def parse_dist_update(body: Any) -> dict:
+    """SGLang's UpdateWeightsFromDistributedReqInput: names, dtypes, shapes (parallel lists), group_name,
+    flush_cache, abort_all_requests, weight_version, load_format (None or "flattened_bucket")."""
+    if not isinstance(body, dict):
+        raise BadRequest("request body: expected a JSON object with names, dtypes and shapes")
+    names, dtypes, shapes = body.get("names"), body.get("dtypes"), body.get("shapes")
+    if not (isinstance(names, list) and isinstance(dtypes, list) and isinstance(shapes, list)) or not names:
+        raise BadRequest("names, dtypes, shapes: required, non-empty lists of one entry per tensor")
+    if not len(names) == len(dtypes) == len(shapes):
+        raise BadRequest(f"names, dtypes, shapes: {len(names)}, {len(dtypes)} and {len(shapes)} entries; "
+                         "give one of each per tensor")
+    for i, (n, d, s) in enumerate(zip(names, dtypes, shapes)):
+        if not isinstance(n, str) or not n:
+            raise BadRequest(f"names[{i}]={n!r:.80}: must be a tensor name")
+        try:
+            parse_dtype(d)
+        except ValueError as e:
+            raise BadRequest(f"dtypes[{i}]: {e}") from None
+        if not isinstance(s, list) or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in s):
+            raise BadRequest(f"shapes[{i}]={s!r:.80}: must be a list of non-negative integers")
+    fmt = body.get("load_format")
+    if fmt not in (None, "flattened_bucket"):
+        raise BadRequest(f"load_format={fmt!r:.80}: megaent serve takes null (one broadcast per tensor) or "
+                         "'flattened_bucket'")
+    version = body.get("weight_version")
+    if version is not None and not isinstance(version, str):
+        raise BadRequest(f"weight_version={version!r:.80}: must be a string")
+    return {"names": names, "dtypes": dtypes, "shapes": shapes, "flattened": fmt == "flattened_bucket",
+            "group_name": _str_field(body, "group_name", "weight_update_group"), "weight_version": version,
+            "flush_cache": get_bool(body, "flush_cache", True, where=""),
+            "abort_all": get_bool(body, "abort_all_requests", False, where="")}
+
+
+def add_dist_routes(app: web.Application, ctx: ServeContext) -> None:
+    """SGLang's weight sync over a process group (megaent.rollout.dist_update has the protocol)."""
+    batcher = ctx.batcher
+    session_version: list[Optional[str]] = [None]  # the open session's weight_version, applied at its end
+
+    def answer(ok: bool, message: str) -> web.Response:
+        return web.json_response({"success": ok, "message": message}, status=200 if ok else 400)
+
+    async def run_op(name: str, *args: Any) -> Any:
+        """Run a DIST_OPS entry in the engine thread: directly at TP = 1, over the TP command bus otherwise."""
+        if ctx.tp == 1:
+            return await batcher.run_exclusive(DIST_OPS[name], ctx.engine, *args)
+        from megaent.rollout.server import OPS
+
+        if name not in OPS:  # the bus's followers run OPS entries only
+            why = (f"megaent serve --tp {ctx.tp} cannot join a weight-update group (the TP bus has no {name} op); "
+                   "serve with --tp 1 or sync through /update_weights_from_disk")
+            return (False, why, False) if name == "dist_receive" else (False, why)
+        return await batcher.run_exclusive(ctx.call, name, *args)
+
+    async def init_group(request: web.Request) -> web.Response:
+        try:
+            body = await read_json(request)
+            if not isinstance(body, dict):
+                raise BadRequest("request body: expected a JSON object (master_address, master_port, ...)")
+            args = (_str_field(body, "master_address"),
+                    get_int(body, "master_port", None, where="", lo=1, hi=65535),
+                    get_int(body, "rank_offset", None, where="", lo=1, hi=2**20),
+                    get_int(body, "world_size", None, where="", lo=2, hi=2**20),
+                    _str_field(body, "group_name", "weight_update_group"), _str_field(body, "backend", "nccl"))
+            if None in args:
+                raise BadRequest("master_port, rank_offset, world_size: required integers")
+            if args[2] + ctx.tp > args[3]:
+                raise BadRequest(f"rank_offset={args[2]} + tp {ctx.tp} > world_size={args[3]}: this server's "
+                                 "ranks would not fit in the group")
+        except BadRequest as e:
+            return answer(False, str(e))
+        return answer(*await run_op("dist_init_group", *args))
+
+    async def destroy_group(request: web.Request) -> web.Response:
+        try:
+            body = await read_json(request)
+            name = _str_field(body if isinstance(body, dict) else {}, "group_name", "weight_update_group")
+        except BadRequest as e:
+            return answer(False, str(e))
+        return answer(*await run_op("dist_destroy_group", name))
+
+    async def begin(_: web.Request) -> web.Response:
+        session_version[0] = None
+        return answer(*await run_op("dist_begin"))
+
+    async def end(_: web.Request) -> web.Response:
+        ok, message = await run_op("dist_end")
+        version, session_version[0] = session_version[0], None
+        if ok and version is not None:
+            ctx.info["weight_version"] = version
+            message += f" Weight version updated to {version}."
+        return answer(ok, message)
+
+    async def update(request: web.Request) -> web.Response:
+        try:
+            req = parse_dist_update(await read_json(request))
+        except BadRequest as e:  # nothing received: the sender's broadcast waits until its group timeout
+            return answer(False, str(e))
+        if req["abort_all"]:
+            batcher.abort(abort_all=True)
+        ok, message, staged = await run_op("dist_receive", req["group_name"], req["names"], req["dtypes"],
+                                           req["shapes"], req["flattened"])
+        version = req["weight_version"]
+        if ok and version is not None:
+            if staged:  # inside a session the version goes live with the weights, at its end
+                session_version[0] = version
+            else:
+                ctx.info["weight_version"] = version
+                message += f" Weight version updated to {version}."
+        # flush_cache: nothing to flush, every batch allocates its own KV cache (see flush_cache above).
+        return answer(ok, message)
+
+    async def get_weights(request: web.Request) -> web.Response:
+        try:
+            body = await read_json(request)
+            body = body if isinstance(body, dict) else {}
+            name = _str_field(body, "name")
+            size = get_int(body, "truncate_size", 100, where="", lo=1, hi=2**31)
+            out = await batcher.run_exclusive(lambda: weights_by_name(ctx.engine.policy, name, size))
+        except (BadRequest, KeyError) as e:
+            return bad_request(str(e).strip("'\""))
+        return web.json_response(out)
+
+    r = app.router
+    r.add_route("GET", "/get_weights_by_name", get_weights)
+    r.add_post("/get_weights_by_name", get_weights)
+    r.add_post("/init_weights_update_group", init_group)
+    r.add_post("/destroy_weights_update_group", destroy_group)
+    r.add_post("/begin_weight_update", begin)
+    r.add_post("/end_weight_update", end)
+    r.add_post("/update_weights_from_distributed", update)

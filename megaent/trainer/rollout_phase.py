@@ -9,7 +9,9 @@ Engines (rollout.engine):
 - embedded, PP > 1: a stage holds only some layers, so every rank keeps a full inference copy (TP = 1, a world
   of one) reloaded from `rollout_weights/` after each update (fine for the CPU demo; GPU runs use SGLang).
 - http / sglang: rank 0 talks to the servers (`megaent serve` or SGLang) and broadcasts the samples; weights go
-  to the servers through `save_hf` + `/update_weights_from_disk`.
+  to the servers per rollout.weight_sync: "disk" = `save_hf` to `rollout_weights/` + `/update_weights_from_disk`;
+  "distributed" (alias "nccl") = SGLang's process-group route (`megaent.rollout.weight_sync.DistWeightSync`:
+  bucket by bucket, TP/PP-gathered per tensor, broadcast by rank 0 over NCCL on GPUs or gloo on CPU, no file).
 Every rank returns the same `list[list[Sample]]`, so the later phases are SPMD without further messages.
 
 Sampling seeds are derived from (trainer.seed, step, round, replica), so a resumed run draws the same samples.
@@ -74,6 +76,7 @@ class RolloutPhase:
         self.eos = [int(t) for t in eos_token_ids]
         self.weights_dir = run_dir / "rollout_weights"
         self.client: Any = None
+        self.sender: Any = None  # rank 0's DistWeightSync (rollout.weight_sync=distributed), made at the first sync
         self.engine: Any = None
         self.decoder: Any = None
         self._copied: list[str] = []
@@ -143,6 +146,8 @@ class RolloutPhase:
         if self.shares_policy:
             sync_inference(self.decoder, self.policy, self._copied)
             return "shared"
+        if self.engine is None and self.cfg.weight_sync in ("distributed", "nccl"):
+            return self._sync_distributed(step)
         from megaent.model import save_hf
 
         out = save_hf(self.policy, self.state, self.weights_dir)
@@ -155,6 +160,25 @@ class RolloutPhase:
             self.client.update_weights_from_disk(str(Path(out).resolve()), weight_version=str(step))
         return "disk"
 
+    def _sync_distributed(self, step: int) -> str:
+        """Collective: the HF tensors over the weight-update group (rank 0 joins it with the servers first)."""
+        from megaent.rollout.weight_sync import DistWeightSync, backend_for, sync_weights_distributed
+
+        if self.state.rank == 0 and self.sender is None:
+            from megaent.parallel.launch import free_port
+
+            # Servers reach the TCP store on rank 0's host: the launcher's master address names it.
+            self.sender = DistWeightSync(self.client, backend=backend_for(self.state.device),
+                                         master_address=getattr(self.state.launch, "master_addr", "127.0.0.1"),
+                                         master_port=free_port(),
+                                         timeout_s=self.cfg.request_timeout_s)
+        sync_weights_distributed(self.policy, self.state, self.sender, weight_version=str(step))
+        return "distributed"
+
     def close(self) -> None:
-        if self.servers is not None:
-            self.servers.stop()
+        try:
+            if self.sender is not None:
+                self.sender.close()
+        finally:
+            if self.servers is not None:
+                self.servers.stop()
