@@ -15,8 +15,11 @@ Compared against the same code in one process (tp = pp = dp = 1, all 8 samples, 
   tests/test_update_layouts.py, so gradients at round-off level cannot flip an update).
 
 Run: OMP_NUM_THREADS=1 python -m pytest tests/test_mcore_update.py -q
+(2, 2, 2) needs 8 ranks: MEGAENT_WORLD8=1 adds it (opt-in: 8 processes on the 2-core CI machine).
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -28,6 +31,8 @@ V = 1001
 LR = 1e-3
 EPS = 1e-6  # as tests/test_update_layouts.py: grads at round-off level cannot flip an Adam update of ~lr
 WORLD_LAYOUTS = {2: [(2, 1), (1, 2), (1, 1)], 4: [(2, 2), (2, 1), (1, 2)]}  # (tp, pp); dp = world / (tp * pp)
+if os.environ.get("MEGAENT_WORLD8") == "1":  # (2, 2, 2), the last of {1,2}^3: 8 gloo ranks, opt-in on 2 cores
+    WORLD_LAYOUTS[8] = [(2, 2)]
 
 
 def _samples() -> list[tuple[torch.Tensor, int, float]]:
