@@ -5,7 +5,7 @@ tied embeddings), Mistral (untied, sliding_window=16, longer than every sequence
 nothing and HF's sliding mask is the full causal one), and a Qwen2-shaped model (QKV bias) with 2 KV heads
 for TP=4. Qwen3-MoE (4 experts, top-2, with and without
 norm_topk_prob) and Mixtral (4 experts, top-2) run on megatron-core's MoE layers (sequential experts, allgather
-dispatcher, EP = 1). Vocab 1001, so TP pads the vocabulary. One 4-rank gloo spawn (tests/dist.py) runs:
+dispatcher) and on the own decoder's routed experts. Vocab 1001, so TP pads the vocabulary. One 4-rank gloo spawn (tests/dist.py) runs:
 - megatron-core GPTPolicy (`engine="mcore"`, sequence parallel on at TP > 1) at TP=1, TP=2, PP=2, TP=2 x PP=2
   for Qwen3 / Mistral / Qwen3-MoE / Mixtral, and at TP=4 for Qwen2 and Qwen3 with 2 KV heads: logits vs HF
   (<= 1e-5, fp32);
@@ -13,11 +13,11 @@ dispatcher, EP = 1). Vocab 1001, so TP pads the vocabulary. One 4-rank gloo spaw
   norm gradients summed over TP as megatron-core's finalize_model_grads does), and `save_hf`;
 - `save_hf` after `load_hf` at TP=2 x PP=2 (and TP=4): every tensor bit for bit the source's, and
   `transformers` loads the export to the same logits;
-- megaent's own decoder (`engine="own"`) at TP=2 (and TP=4 for the 2-KV-head models): logits vs HF, and the
-  embedded engine's greedy generation vs HF `generate(do_sample=False)` on each prompt;
+- megaent's own decoder (`engine="own"`) at TP=2 (TP=1 too for the MoE families, TP=4 for the 2-KV-head
+  models): logits vs HF, and the embedded engine's greedy generation vs HF `generate(do_sample=False)` on
+  each prompt (MoE: the own decoder's routed experts, `megaent.model.sparse_moe`);
 - MoE router statistics (`megaent.model.moe`) at TP=1 and TP=2 (tokens split by sequence parallelism): HF's
   load-balancing aux loss, with and without padding, and the router-logits entropy;
-- the own decoder refuses MoE checkpoints, naming the way out (engine='mcore', rollout.engine=http);
 - Mistral sequences longer than the window: both decoders refuse with a ConfigError naming sliding_window.
 In this process: published config.json spellings (older `rope_theta` / `torch_dtype`, transformers-5
 `rope_parameters` / `dtype`) give the same `ModelArch`.
@@ -178,16 +178,6 @@ def _window_refusals(hf_dir: str, st) -> dict:
     return errors
 
 
-def _own_refuses_moe(hf_dir: str, st) -> str:
-    from megaent.model import load_hf
-
-    try:
-        load_hf(hf_dir, st)
-    except ValueError as e:
-        return str(e)
-    return ""
-
-
 def _router_stats(pol, st, inp: dict, fam: str) -> dict:
     """HF's load-balancing loss and the router entropy from the captured router logits (PP = 1), with the
     tokens of sequence parallelism split over tp_group; recorded on global rank 0."""
@@ -258,13 +248,11 @@ def _spawned(rank: int, world: int, dirs: dict[str, str], out_dir: str, inp: dic
                     res[(fam, "ep", tp, ep, st.dp_rank)] = got
                 if tp == 1:
                     save_hf(pol, st, f"{out_dir}/{fam}_ep2")
-        st = init_parallel(2, 1)
-        if fam in MOE_FAMILIES:
-            res[(fam, "own refuses")] = _own_refuses_moe(dirs[fam], st)
-            continue
-        own = _own_checks(dirs[fam], st, inp)
-        if rank == 0:
-            res[(fam, "own", 2)] = own
+        for tp in (1, 2) if fam in MOE_FAMILIES else (2,):
+            st = init_parallel(tp, 1)
+            own = _own_checks(dirs[fam], st, inp)
+            if rank == 0:
+                res[(fam, "own", tp)] = own
     for fam in TP4_FAMILIES:
         st = init_parallel(4, 1)
         pol = load_hf(dirs[fam], st, engine="mcore")
@@ -365,9 +353,11 @@ def test_save_hf_after_load_hf_is_bit_exact_and_loads(results, fam, sub):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fam,tp", [(f, 2) for f in LAYOUT_FAMILIES if f not in MOE_FAMILIES]
+@pytest.mark.parametrize("fam,tp", [(f, 2) for f in LAYOUT_FAMILIES] + [(f, 1) for f in MOE_FAMILIES]
                          + [(f, 4) for f in TP4_FAMILIES])
 def test_own_decoder_logits_and_greedy_generation_match_hf(results, fam, tp):
+    """megaent's own decoder (MoE: `megaent.model.sparse_moe`, every expert TP-split) vs HF: logits <= 1e-5 and
+    the embedded engine's greedy tokens equal to HF `generate(do_sample=False)`."""
     res, dirs, _, inp = results
     r = res[(fam, "own", tp)]
     model = _hf(dirs[fam])
@@ -376,13 +366,6 @@ def test_own_decoder_logits_and_greedy_generation_match_hf(results, fam, tp):
         ref = model.generate(torch.tensor([prompt]), max_new_tokens=N_NEW, min_new_tokens=N_NEW, do_sample=False,
                              pad_token_id=0)[0, len(prompt):].tolist()
         assert got == ref
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("fam", MOE_FAMILIES)
-def test_own_decoder_refuses_moe_naming_the_way_out(results, fam):
-    msg = results[0][(fam, "own refuses")]
-    assert "mixture-of-experts" in msg and "engine='mcore'" in msg and "rollout.engine=http" in msg
 
 
 @pytest.mark.slow

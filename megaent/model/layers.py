@@ -1,6 +1,7 @@
-"""One decoder layer (the dense families of `megaent.model.arch`) on megatron-core tensor-parallel linears.
+"""One decoder layer (the families of `megaent.model.arch`) on megatron-core tensor-parallel linears.
 
-Pre-norm residual block: x + Attn(RMSNorm(x)), then h + MLP(RMSNorm(h)).
+Pre-norm residual block: x + Attn(RMSNorm(x)), then h + MLP(RMSNorm(h)); the MLP is a SwiGLU, or for the MoE
+families the routed experts of `megaent.model.sparse_moe` (TP-split the same way, also one all-reduce).
 TP split (Megatron-LM, Shoeybi et al. 2019): the fused QKV and gate/up
 projections are column-parallel (each rank owns whole heads / a slice of the
 MLP width), the output and down projections are row-parallel and end in one
@@ -32,6 +33,7 @@ from megaent.model.arch import ModelArch
 from megaent.model.cache import KVCache
 from megaent.model.fused import rms_norm_fp32, swiglu
 from megaent.model.rope import apply_rope
+from megaent.model.sparse_moe import SparseMoE
 from megaent.ops import gemm
 
 
@@ -456,7 +458,8 @@ class SwiGLU(torch.nn.Module):
 
 
 class DecoderLayer(torch.nn.Module):
-    """Pre-norm attention + SwiGLU block."""
+    """Pre-norm attention + SwiGLU block; for the MoE families (`arch.num_experts` > 0) the SwiGLU is
+    `megaent.model.sparse_moe.SparseMoE`, named `moe` (table names `layers.{l}.moe.*`) instead of `mlp`."""
 
     def __init__(self, arch: ModelArch, *, tp_group: dist.ProcessGroup, tp: int, config: ModelParallelConfig):
         super().__init__()
@@ -464,13 +467,17 @@ class DecoderLayer(torch.nn.Module):
         self.input_norm = RMSNorm(arch.hidden_size, eps=arch.rms_norm_eps, dtype=dtype)
         self.attn = SelfAttention(arch, tp_group=tp_group, tp=tp, config=config)
         self.post_norm = RMSNorm(arch.hidden_size, eps=arch.rms_norm_eps, dtype=dtype)
-        self.mlp = SwiGLU(arch, tp_group=tp_group, config=config)
+        self.is_moe = bool(arch.num_experts)
+        if self.is_moe:
+            self.moe = SparseMoE(arch, tp_group=tp_group, tp=tp, dtype=dtype)
+        else:
+            self.mlp = SwiGLU(arch, tp_group=tp_group, config=config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: "Optional[torch.Tensor | SegmentLayout]", *,
                 kv_cache: Optional[KVCache] = None, slot: int = 0) -> torch.Tensor:
         """x [B, S, H] -> [B, S, H]; see `SelfAttention.forward` for the other arguments."""
         h = x + self.attn(self.input_norm(x), cos, sin, mask, kv_cache=kv_cache, slot=slot)
-        return h + self.mlp(self.post_norm(h))
+        return h + (self.moe if self.is_moe else self.mlp)(self.post_norm(h))
 
 
 def build_attention_mask(*, q_len: int, cache_len: int, key_mask: Optional[torch.Tensor],

@@ -1,4 +1,4 @@
-"""`Policy`: the local pipeline stage of a decoder (the dense families of `megaent.model.arch`) over TP x PP.
+"""`Policy`: the local pipeline stage of a decoder (the families of `megaent.model.arch`) over TP x PP.
 
 A rank holds only its stage's decoder layers (global indices, even split by
 default or `pipeline_layers`), plus the vocab-parallel embedding on the first
@@ -12,6 +12,9 @@ Tied embeddings: with PP = 1 the head reuses `embed.weight`; with PP > 1 the
 last stage owns `head.weight`, initialised from the same tensor, and
 `shared_embedding_parameters()` lists the pair so the engine all-reduces their
 gradients over `state.embedding_group` (as Megatron-LM does).
+
+MoE families (Qwen3-MoE, Mixtral): every layer's MLP is `megaent.model.sparse_moe.SparseMoE`, all experts
+on every rank (no expert parallelism in this decoder), TP-split like the dense MLP.
 """
 from __future__ import annotations
 
@@ -40,10 +43,6 @@ class Policy(torch.nn.Module):
                  pipeline_layers: Optional[list[int]] = None, vocab_multiple: int = 1,
                  activation_checkpointing: bool = False):
         super().__init__()
-        if arch.num_experts:
-            raise ValueError(f"config.json model_type={arch.model_type!r} is a mixture-of-experts model: megaent's own "
-                             f"decoder (embedded rollout engine, megaent serve) has no MoE layers yet; load it with "
-                             f"engine='mcore' and roll out with rollout.engine=http or sglang")
         arch.check_layout(tp=state.tp, pp=state.pp, pipeline_layers=pipeline_layers)
         self.arch, self.state, self.dtype = arch, state, dtype
         self.pipeline_layers = pipeline_layers
