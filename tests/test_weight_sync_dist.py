@@ -12,6 +12,9 @@ prompts together, the reference decodes them one by one). The sync writes no fil
 directory. Then a session whose second bucket has a wrong shape is rejected as a whole: every served
 tensor and the weight_version stay those of the synced weights.
 
+The server-side steps alone (check, shard, copy into a fused parameter) are also compared in process with
+`hf_names.hf_to_megaent` (the table's own HF -> megaent conversion) of the new tensors.
+
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_weight_sync_dist.py
 """
 import os
@@ -33,7 +36,6 @@ from megaent.rollout.embedded import EmbeddedEngine
 from megaent.rollout.launcher import launch_megaent
 from megaent.rollout.types import SamplingParams
 
-pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [[5, 17, 33, 8], [40, 41, 300], [7, 7, 9, 60, 61, 62, 63, 11, 12]]
 
@@ -102,6 +104,7 @@ def _expected(engine, prompts, params):
     return [engine.generate([p], replace(params, seed=params.seed + i))[0] for i, p in enumerate(prompts)]
 
 
+@pytest.mark.slow
 def test_tp2_trainer_syncs_megaent_serve_over_gloo(tmp_path):
     from megaent.parallel import init_parallel
 
@@ -146,3 +149,38 @@ def test_tp2_trainer_syncs_megaent_serve_over_gloo(tmp_path):
         th.join()
         if "group" in started:
             started["group"].stop()
+
+
+def test_checked_shards_load_like_hf_to_megaent(tmp_path):
+    """dist_update's check / shard / apply on a served policy == hf_names.hf_to_megaent of the new tensors."""
+    from megaent.model import load_hf
+    from megaent.model.hf_names import hf_to_megaent
+    from megaent.parallel import init_parallel
+    from megaent.rollout.dist_update import apply_shards, check_tensors, local_shards
+
+    hf_dir = make_tiny_hf(tmp_path / "a", "qwen2", vocab_size=300, layers=1, tie=False, seed=1)
+    served = load_hf(hf_dir, init_parallel(1, 1))
+    g = torch.Generator().manual_seed(2)
+    tensors = [(n, t + torch.randn(t.shape, generator=g)) for n, t in
+               sorted(load_file(str(hf_dir / "model.safetensors")).items())]
+    want = hf_to_megaent(dict(tensors), served.arch)
+    assert check_tensors(served, tensors) == []
+    # Only q_proj of the fused QKV first: the k and v rows of the fused parameter must stay the old ones.
+    q, qkv = "model.layers.0.self_attn.q_proj.weight", "layers.0.attn.qkv.weight"
+    before = dict(served.named_parameters())[qkv].detach().clone()
+    apply_shards(served, local_shards(served, [(n, t) for n, t in tensors if n == q]))
+    rows = served.arch.q_size
+    got = dict(served.named_parameters())[qkv]
+    assert torch.equal(got[:rows], want[qkv][:rows]) and torch.equal(got[rows:], before[rows:])
+    apply_shards(served, local_shards(served, tensors))
+    got = dict(served.named_parameters())
+    assert sorted(got) == sorted(want)
+    for n in want:
+        assert torch.equal(got[n], want[n]), n
+    h = served.arch.hidden_size
+    bad = [("model.norm.weight", torch.ones(h + 1)), ("lm_head.bias", torch.ones(3)),
+           ("model.norm.weight", torch.ones(h, dtype=torch.bfloat16))]
+    problems = check_tensors(served, bad)
+    assert any(f"shape [{h + 1}]" in p for p in problems), problems
+    assert any("lm_head.bias: the served model has no" in p for p in problems), problems
+    assert any("sent twice" in p for p in problems) and any("dtype bfloat16" in p for p in problems), problems

@@ -113,10 +113,16 @@ def check_tensors(policy: Any, tensors: Sequence[tuple[str, torch.Tensor]]) -> l
 
 
 def local_shards(policy: Any, tensors: Sequence[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """This TP rank's shard of each (checked) full HF tensor, copied out of the receive buffer."""
+    """This TP rank's shard of each (checked) full HF tensor."""
     table, st = served_table(policy), policy.state
-    return {n: tp_slice(t, tuple(t.shape), table[n][0].kind, st.tp_rank, st.tp,
-                        padded_rows=policy.padded_vocab_size, what=n).clone() for n, t in tensors}
+    out = {}
+    for n, t in tensors:
+        shard = tp_slice(t, tuple(t.shape), table[n][0].kind, st.tp_rank, st.tp,
+                         padded_rows=policy.padded_vocab_size, what=n)
+        # At TP > 1 a shard is a view of the full tensor: copy it so the receive buffer can go. At TP = 1 the
+        # shard is the whole (fresh) tensor, or a view of a bucket that is kept whole anyway.
+        out[n] = shard.clone() if st.tp > 1 else shard
+    return out
 
 
 @torch.no_grad()

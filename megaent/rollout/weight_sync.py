@@ -105,9 +105,9 @@ def sync_weights_distributed(policy: Any, state: Any, sender: Optional["DistWeig
     tensors = iter_hf_tensors(policy, state)
     error: list[Optional[str]] = [None]
     if state.rank == 0:
-        if sender is None:
-            raise RolloutError("rank 0 needs a DistWeightSync to push weights over the process group")
         try:
+            if sender is None:
+                raise RolloutError("rank 0 needs a DistWeightSync to push weights over the process group")
             sender.push(tensors, weight_version=weight_version)
         except Exception as e:  # HTTP or a rejection: the other ranks must still finish the gathers
             error[0] = str(e) if isinstance(e, RolloutError) else f"weight sync failed: {type(e).__name__}: {e}"
@@ -185,17 +185,16 @@ class DistWeightSync:
         self.sessions = True  # the servers have /begin_weight_update (SGLang >= 0.5.23, megaent serve)
 
     # ------------------------------------------------------------ HTTP to every server at once
-    def _headers(self) -> Optional[dict]:
-        return {"Authorization": f"Bearer {self.client.api_key}"} if self.client.api_key else None
-
-    async def _post_each(self, path: str, bodies: Sequence[Optional[dict]], *, missing_ok: bool = False
-                         ) -> list[Any]:
-        """POST bodies[k] to server k; RolloutError on any failure (None for a 404 when `missing_ok`)."""
+    def _http(self) -> Any:
         import httpx
 
-        async with httpx.AsyncClient(timeout=self.timeout_s, headers=self._headers()) as http:
-            rs = await asyncio.gather(*(http.post(s.url + path, json=b)
-                                        for s, b in zip(self.client.servers, bodies)))
+        headers = {"Authorization": f"Bearer {self.client.api_key}"} if self.client.api_key else None
+        return httpx.AsyncClient(timeout=self.timeout_s, headers=headers)
+
+    async def _post_each(self, http: Any, path: str, bodies: Sequence[Optional[dict]], *, missing_ok: bool = False
+                         ) -> list[Any]:
+        """POST bodies[k] to server k; RolloutError on any failure (None for a 404 when `missing_ok`)."""
+        rs = await asyncio.gather(*(http.post(s.url + path, json=b) for s, b in zip(self.client.servers, bodies)))
         out = []
         for s, r in zip(self.client.servers, rs):
             if missing_ok and r.status_code == 404:
@@ -206,37 +205,43 @@ class DistWeightSync:
             out.append(r.json() if r.content else {})
         return out
 
-    def _post_all(self, path: str, body: Optional[dict] = None, **kw: Any) -> list[Any]:
-        return asyncio.run(self._post_each(path, [body] * len(self.client.servers), **kw))
+    async def _post_all(self, http: Any, path: str, body: Optional[dict] = None, **kw: Any) -> list[Any]:
+        return await self._post_each(http, path, [body] * len(self.client.servers), **kw)
 
     # ------------------------------------------------------------ group
     def init_group(self) -> None:
         """Servers join the group (HTTP) while this process joins as rank 0 (one rendezvous)."""
-        import httpx
-
         from megaent.rollout.dist_update import join_group
 
-        tps = [int(httpx.get(s.url + "/server_info", timeout=self.timeout_s, headers=self._headers()).json()
-                   .get("tp_size", 1)) for s in self.client.servers]
-        world = 1 + sum(tps)
-        offsets = [1 + sum(tps[:k]) for k in range(len(tps))]
-        bodies = [{"master_address": self.master_address, "master_port": self.master_port, "rank_offset": off,
-                   "world_size": world, "group_name": self.group_name, "backend": self.backend} for off in offsets]
+        async def run() -> dist.ProcessGroup:
+            async with self._http() as http:
+                infos = await asyncio.gather(*(http.get(s.url + "/server_info") for s in self.client.servers))
+                tps = [int(r.json().get("tp_size", 1)) for r in infos]
+                world = 1 + sum(tps)
+                bodies = [{"master_address": self.master_address, "master_port": self.master_port,
+                           "rank_offset": 1 + sum(tps[:k]), "world_size": world, "group_name": self.group_name,
+                           "backend": self.backend} for k in range(len(tps))]
 
-        def join() -> dist.ProcessGroup:
-            return join_group(master_address=self.master_address, master_port=self.master_port, rank=0,
-                              world_size=world, group_name=self.group_name, backend=self.backend,
-                              timeout_s=self.timeout_s)
-        self.group = asyncio.run(_alongside(self._post_each("/init_weights_update_group", bodies), join))
-        log.info("weight-update group %s: trainer rank 0 + %d server ranks over %s", self.group_name, world - 1,
-                 self.backend)
+                def join() -> dist.ProcessGroup:
+                    return join_group(master_address=self.master_address, master_port=self.master_port, rank=0,
+                                      world_size=world, group_name=self.group_name, backend=self.backend,
+                                      timeout_s=self.timeout_s)
+                group = await _alongside(self._post_each(http, "/init_weights_update_group", bodies), join)
+            log.info("weight-update group %s: trainer rank 0 + %d server ranks over %s", self.group_name, world - 1,
+                     self.backend)
+            return group
+        self.group = asyncio.run(run())
 
     def close(self) -> None:
         """Servers leave the group (/destroy_weights_update_group), then this process does."""
         if self.group is None:
             return
+
+        async def run() -> None:
+            async with self._http() as http:
+                await self._post_all(http, "/destroy_weights_update_group", {"group_name": self.group_name})
         try:
-            self._post_all("/destroy_weights_update_group", {"group_name": self.group_name})
+            asyncio.run(run())
         finally:
             dist.destroy_process_group(self.group)
             self.group = None
@@ -250,47 +255,50 @@ class DistWeightSync:
         loading anything and raises RolloutError with the server's message."""
         if self.group is None:
             self.init_group()
-        self._post_all("/pause_generation", {"mode": "retract"})
+        return asyncio.run(self._push(named_tensors, weight_version))
+
+    async def _push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: Optional[str]) -> int:
         sent = 0
-        try:
-            if self.sessions and None in self._post_all("/begin_weight_update", {}, missing_ok=True):
-                self.sessions = False  # an older SGLang: each bucket loads on its own
+        async with self._http() as http:
+            await self._post_all(http, "/pause_generation", {"mode": "retract"})
             try:
-                bucket: list[tuple[str, torch.Tensor]] = []
-                size = 0
-                for name, t in named_tensors:
-                    bucket.append((name, t))
-                    size += t.numel() * t.element_size()
-                    if size >= self.bucket_bytes:
-                        sent += self._send(bucket, weight_version=None if self.sessions else weight_version,
-                                           last=False)
-                        bucket, size = [], 0
-                if bucket:
-                    sent += self._send(bucket, weight_version=weight_version, last=True)
-            except BaseException:
-                if self.sessions:  # discards what was staged; the servers keep their weights
-                    self._end_quietly()
-                raise
-            if self.sessions:
-                self._post_all("/end_weight_update", {})
-        finally:
-            self._post_all("/continue_generation", {})
+                if self.sessions and None in await self._post_all(http, "/begin_weight_update", {},
+                                                                  missing_ok=True):
+                    self.sessions = False  # an older SGLang: each bucket loads on its own
+                try:
+                    bucket: list[tuple[str, torch.Tensor]] = []
+                    size = 0
+                    for name, t in named_tensors:
+                        bucket.append((name, t))
+                        size += t.numel() * t.element_size()
+                        if size >= self.bucket_bytes:
+                            sent += await self._send(http, bucket, last=False,
+                                                     weight_version=None if self.sessions else weight_version)
+                            bucket, size = [], 0
+                    if bucket:
+                        sent += await self._send(http, bucket, weight_version=weight_version, last=True)
+                except BaseException:
+                    if self.sessions:  # discards what was staged; the servers keep their weights
+                        try:
+                            await self._post_all(http, "/end_weight_update", {})
+                        except RolloutError as e:  # expected: a failed session's end loads nothing, says so
+                            log.info("weight-update session ended without loading: %s", e)
+                    raise
+                if self.sessions:
+                    await self._post_all(http, "/end_weight_update", {})
+            finally:
+                await self._post_all(http, "/continue_generation", {})
         return sent
 
-    def _end_quietly(self) -> None:
-        try:
-            self._post_all("/end_weight_update", {})
-        except RolloutError as e:  # expected: the session failed, so its end loads nothing and says so
-            log.info("weight-update session ended without loading: %s", e)
-
-    def _send(self, bucket: list[tuple[str, torch.Tensor]], *, weight_version: Optional[str], last: bool) -> int:
+    async def _send(self, http: Any, bucket: list[tuple[str, torch.Tensor]], *, weight_version: Optional[str],
+                    last: bool) -> int:
         body: dict[str, Any] = {
             "names": [n for n, _ in bucket], "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
             "shapes": [list(t.shape) for _, t in bucket], "group_name": self.group_name, "flush_cache": last,
             "load_format": "flattened_bucket" if self.flattened else None}
         if weight_version is not None:
             body["weight_version"] = weight_version
-        if self.flattened:
+        if self.flattened:  # SGLang's FlattenedTensorBucket layout: the tensors' bytes back to back
             payload = [torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for _, t in bucket])]
         else:
             payload = [t.contiguous() for _, t in bucket]
@@ -298,6 +306,5 @@ class DistWeightSync:
         def bcast() -> None:
             for t in payload:
                 dist.broadcast(t, group_src=0, group=self.group)
-        asyncio.run(_alongside(self._post_each("/update_weights_from_distributed", [body] * len(self.client.servers)),
-                               bcast))
+        await _alongside(self._post_all(http, "/update_weights_from_distributed", body), bcast)
         return sum(t.numel() * t.element_size() for t in payload)
