@@ -15,7 +15,8 @@ dispatcher) and on the own decoder's routed experts. Vocab 1001, so TP pads the 
   `transformers` loads the export to the same logits;
 - megaent's own decoder (`engine="own"`) at TP=2 (TP=1 too for the MoE families, TP=4 for the 2-KV-head
   models): logits vs HF, and the embedded engine's greedy generation vs HF `generate(do_sample=False)` on
-  each prompt (MoE: the own decoder's routed experts, `megaent.model.sparse_moe`);
+  each prompt (MoE: the own decoder's routed experts, `megaent.model.sparse_moe`), and its ConfigError for an
+  expert-parallel state (EP = 2; it holds every expert);
 - MoE router statistics (`megaent.model.moe`) at TP=1 and TP=2 (tokens split by sequence parallelism): HF's
   load-balancing aux loss, with and without padding, and the router-logits entropy;
 - Mistral sequences longer than the window: both decoders refuse with a ConfigError naming sliding_window.
@@ -178,6 +179,17 @@ def _window_refusals(hf_dir: str, st) -> dict:
     return errors
 
 
+def _own_refusal(hf_dir: str, st) -> tuple[str, str]:
+    """The error (type name, message) megaent's own decoder raises for this state, or ("", "")."""
+    from megaent.model import load_hf
+
+    try:
+        load_hf(hf_dir, st)
+    except Exception as e:  # noqa: BLE001 (the test inspects it)
+        return type(e).__name__, str(e)
+    return "", ""
+
+
 def _router_stats(pol, st, inp: dict, fam: str) -> dict:
     """HF's load-balancing loss and the router entropy from the captured router logits (PP = 1), with the
     tokens of sequence parallelism split over tp_group; recorded on global rank 0."""
@@ -248,6 +260,7 @@ def _spawned(rank: int, world: int, dirs: dict[str, str], out_dir: str, inp: dic
                     res[(fam, "ep", tp, ep, st.dp_rank)] = got
                 if tp == 1:
                     save_hf(pol, st, f"{out_dir}/{fam}_ep2")
+                    res[(fam, "own at ep2")] = _own_refusal(dirs[fam], st)
         for tp in (1, 2) if fam in MOE_FAMILIES else (2,):
             st = init_parallel(tp, 1)
             own = _own_checks(dirs[fam], st, inp)
@@ -361,11 +374,21 @@ def test_own_decoder_logits_and_greedy_generation_match_hf(results, fam, tp):
     res, dirs, _, inp = results
     r = res[(fam, "own", tp)]
     model = _hf(dirs[fam])
-    assert (r["logits"] - _ref_logits(dirs[fam], inp["ids"])).abs().max() <= TOL
+    with torch.no_grad():
+        assert (r["logits"] - model(inp["ids"]).logits).abs().max() <= TOL
     for prompt, got in zip(PROMPTS, r["greedy"]):
         ref = model.generate(torch.tensor([prompt]), max_new_tokens=N_NEW, min_new_tokens=N_NEW, do_sample=False,
                              pad_token_id=0)[0, len(prompt):].tolist()
         assert got == ref
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fam", MOE_FAMILIES)
+def test_own_decoder_refuses_expert_parallel_states_naming_the_way_out(results, fam):
+    """The trainer's EP ranks hold only their experts; the own decoder (every expert) refuses to follow them."""
+    kind, msg = results[0][(fam, "own at ep2")]
+    assert kind == "ConfigError"
+    assert "parallel.ep=2" in msg and "rollout.engine=http" in msg and "parallel.ep=1" in msg
 
 
 @pytest.mark.slow

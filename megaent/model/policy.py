@@ -14,7 +14,7 @@ last stage owns `head.weight`, initialised from the same tensor, and
 gradients over `state.embedding_group` (as Megatron-LM does).
 
 MoE families (Qwen3-MoE, Mixtral): every layer's MLP is `megaent.model.sparse_moe.SparseMoE`, all experts
-on every rank (no expert parallelism in this decoder), TP-split like the dense MLP.
+on every rank, TP-split like the dense MLP; a state with EP > 1 is refused (ConfigError naming parallel.ep).
 """
 from __future__ import annotations
 
@@ -43,6 +43,14 @@ class Policy(torch.nn.Module):
                  pipeline_layers: Optional[list[int]] = None, vocab_multiple: int = 1,
                  activation_checkpointing: bool = False):
         super().__init__()
+        if arch.num_experts and getattr(state, "ep", 1) > 1:
+            from megaent.config.errors import ConfigError
+
+            # the trainer's ranks hold only their experts: bound to them, this decoder's others would go stale
+            raise ConfigError(f"parallel.ep={state.ep}: megaent's own decoder (embedded rollout engine) holds all "
+                              f"{arch.num_experts} experts of {arch.model_type} (EP = 1) and cannot follow an "
+                              f"expert-parallel trainer; use rollout.engine=http (megaent serve) or sglang, or "
+                              f"parallel.ep=1")
         arch.check_layout(tp=state.tp, pp=state.pp, pipeline_layers=pipeline_layers)
         self.arch, self.state, self.dtype = arch, state, dtype
         self.pipeline_layers = pipeline_layers
