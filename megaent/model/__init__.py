@@ -1,7 +1,8 @@
 """megaent.model: the policy over TP x PP (megatron-core layers), HF load/save.
 
-Families (`megaent.model.arch.FAMILIES`): Qwen2, Llama, Qwen3, Mistral, and on megatron-core's GPTModel only
-the MoE ones, Qwen3-MoE and Mixtral (router statistics in `megaent.model.moe`).
+Families (`megaent.model.arch.FAMILIES`): Qwen2, Llama, Qwen3, Mistral, and the MoE ones, Qwen3-MoE and Mixtral
+(router statistics in `megaent.model.moe`; expert parallelism on megatron-core's GPTModel only, the own decoder's
+experts are `megaent.model.sparse_moe`).
 
 `load_hf(dir, state)` / `build_policy(arch, state)` give this rank's `Policy`
 stage; `save_hf(policy, state, out_dir)` writes a HF checkpoint; `KVCache` /
