@@ -55,8 +55,6 @@ def _wait_up(url, timeout_s=240.0):
 
 
 def _trainer(rank, world, hf_dir, url, out):
-    from pathlib import Path
-
     from megaent.config import RolloutConfig
     from megaent.model import load_hf, save_hf
     from megaent.parallel import init_parallel
@@ -113,7 +111,8 @@ def test_tp2_trainer_syncs_megaent_serve_over_gloo(tmp_path):
     started: dict = {}
     port = free_port()
     # The server runs this checkout's megaent, whichever one the `megaent` script was installed from.
-    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     th = threading.Thread(target=lambda: started.setdefault("group", launch_megaent(
         str(hf_dir), ports=[port], log_dir=tmp_path / "logs", env=env, timeout_s=240)))
     th.start()
