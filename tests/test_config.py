@@ -34,6 +34,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
     ("trainer.mini_batch_size=5", "must divide trainer.prompts_per_step"),
     ("optimizer.lr", "expected key=value"),
     ("algorithm.target_entropy=0.5", "set algorithm.policy_loss=kl_cov or clip_cov"),
+    ("rollout.weight_sync=distributed", "shares the training policy (no sync at all)"),
 ])
 def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(ConfigError) as exc:

@@ -531,3 +531,57 @@ def test_window_error_names_the_key_and_the_fix():
     arch.check_sequence_length(4096)
     with pytest.raises(ConfigError, match=r"sliding_window=4096: a sequence of 4097 tokens"):
         arch.check_sequence_length(4097)
+
+
+@pytest.mark.parametrize("base", ["qwen3", "qwen3_moe", "mixtral"])
+def test_trainer_layout_check_agrees_with_the_models_rule(tmp_path, base):
+    """`megaent train`'s pre-launch check (megaent.trainer.run.check_layout, which must not import the model
+    code) accepts exactly the tp the model itself accepts (ModelArch.check_layout), TP wider than the KV heads
+    included; it refused TP > KV heads before."""
+    from megaent.config import load_config
+    from megaent.config.errors import ConfigError
+    from megaent.model import ModelArch
+    from megaent.trainer.run import check_layout
+
+    cfg0 = {"qwen3": QWEN3_0_6B, "qwen3_moe": QWEN3_30B_A3B, "mixtral": MIXTRAL_8X7B}[base]
+    seen = set()
+    for heads, kv in [(16, 2), (16, 8), (12, 2), (32, 4)]:
+        c = {**cfg0, "num_attention_heads": heads, "num_key_value_heads": kv}
+        (tmp_path / "config.json").write_text(json.dumps(c))
+        arch = ModelArch.from_hf_config(c)
+        for tp in (1, 2, 3, 4, 8, 16):
+            try:
+                arch.check_layout(tp=tp, pp=1)
+                model_ok = True
+            except ValueError:
+                model_ok = False
+            cfg = load_config(None, [f"model.path={tmp_path}", f"parallel.tp={tp}", "rollout.engine=http",
+                                     "rollout.urls=[http://127.0.0.1:1]"])
+            try:
+                check_layout(cfg, world=tp)
+                trainer_ok = True
+            except ConfigError:
+                trainer_ok = False
+            assert trainer_ok == model_ok, (base, heads, kv, tp, model_ok)
+            seen.add((model_ok, tp > kv))
+    assert (True, True) in seen and (False, False) in seen  # the grid has accepted tp > kv and refused cases
+
+
+def test_moe_aux_loss_at_pp2_is_refused_not_dropped(tmp_path):
+    """HF trains with the load-balancing loss when output_router_logits is true; megaent adds it at PP = 1 only,
+    so a PP = 2 run of such a checkpoint is a ConfigError naming both ways out, not a silently different loss."""
+    from megaent.config import load_config
+    from megaent.config.errors import ConfigError
+    from megaent.trainer.run import check_layout
+
+    for on, coef in [(True, 0.001), (False, 0.001), (True, 0.0)]:
+        (tmp_path / "config.json").write_text(json.dumps({**QWEN3_30B_A3B, "output_router_logits": on,
+                                                          "router_aux_loss_coef": coef}))
+        for pp in (1, 2):
+            cfg = load_config(None, [f"model.path={tmp_path}", f"parallel.pp={pp}", "rollout.engine=http",
+                                     "rollout.urls=[http://127.0.0.1:1]"])
+            if pp == 2 and on and coef > 0:
+                with pytest.raises(ConfigError, match="output_router_logits.*parallel.pp=1"):
+                    check_layout(cfg, world=2)
+            else:
+                check_layout(cfg, world=pp)

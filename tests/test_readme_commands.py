@@ -1,7 +1,7 @@
 """Every `megaent ...` line that README.md's ```bash blocks or a verb's `--help` shows, run as typed.
 
 Compared against: the documented outcome (exit 0; exit 2 with a message for the usage errors listed in
-USAGE_ERRORS). Each command runs through the installed console script (`shutil.which("megaent")`) under
+USAGE_ERRORS; for `megaent plan` of a layout that does not fit, exit 1 with the smallest change that fits). Each command runs through the installed console script (`shutil.which("megaent")`) under
 `bash -o pipefail` in a tmp dir that holds `configs/` and tiny fixtures; the placeholders below are the only
 rewrites. Lines that need a trained run (train, resume, fit-law, plot, eval on a run) are `slow`: a module
 fixture trains one run with the README's documented dotted-override form and copies it to each path a
@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-VERBS = ("train", "serve", "convert", "submit", "eval", "fit-law", "plot")
+VERBS = ("train", "serve", "convert", "submit", "eval", "fit-law", "plot", "plan")
 
 # placeholder -> what the test puts there (paths relative to the tmp dir)
 PLACEHOLDERS = {
@@ -167,6 +167,9 @@ def _check(cmd: str, cwd: Path) -> None:
         assert p.returncode != 0, f"{typed} works now: drop it from KNOWN_BROKEN"
         assert broken[0][0] in p.stderr, f"{typed}: exit {p.returncode}\n{p.stderr[-3000:]}"
         pytest.xfail(broken[0][1])
+    if typed.split()[1] == "plan" and p.returncode == 1:  # documented: exit 1 and the smallest change that fits
+        assert "does NOT fit" in p.stdout and "smallest change that fits" in p.stdout, (typed, p.stdout)
+        return
     for frag, words in USAGE_ERRORS.items():
         if frag in typed:
             assert p.returncode == 2 and words in p.stderr and "Traceback" not in p.stderr, (typed, p.stderr)

@@ -131,6 +131,9 @@ def _consistency(cfg: Config) -> None:
            f"must be below algorithm.clip_cov_ub={a.clip_cov_ub}; the paper uses 1 and 5")
     _check(r.engine != "http" or bool(r.urls), "rollout.urls", r.urls,
            "rollout.engine=http needs at least one server URL, e.g. rollout.urls=[http://127.0.0.1:30000]")
+    _check(r.weight_sync == "disk" or r.engine in ("http", "sglang"), "rollout.weight_sync", r.weight_sync,
+           f"the {r.engine} rollout engine shares the training policy (no sync at all): set "
+           "rollout.weight_sync=disk (the default), or rollout.engine=http/sglang for servers to sync into")
     _check(t.prompts_per_step % t.mini_batch_size == 0, "trainer.mini_batch_size", t.mini_batch_size,
            f"must divide trainer.prompts_per_step={t.prompts_per_step}")
     if a.target_entropy is not None:

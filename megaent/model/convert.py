@@ -49,7 +49,8 @@ def convert(src: str, dst: str, *, tp: int = 1, pp: int = 1, to: Optional[str] =
 
 
 def _engine(hf_dir: Path) -> str:
-    """The decoder that holds the model while converting: megatron-core's for MoE (the own decoder has none)."""
+    """The decoder that holds the model while converting: megatron-core's for MoE (the training layout, EP included;
+    the own decoder holds MoE too since its SparseMoE, but converts stay on the engine that trains them)."""
     from megaent.model.arch import ModelArch
 
     return "mcore" if ModelArch.from_hf_dir(hf_dir).num_experts else "own"

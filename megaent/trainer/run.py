@@ -102,13 +102,22 @@ def check_layout(cfg: Config, *, world: int) -> None:
             raise ConfigError(f"model.path={cfg.model.path!r}: config.json unreadable ({exc})") from None
     else:
         arch = _demo_arch()
+    # megaent.model.arch.ModelArch.check_layout's rules, restated (see below): TP splits the query heads and the
+    # MLP (the experts' for MoE); TP wider than the KV heads replicates each KV head over tp / kv ranks, which
+    # split its head_dim rows (megatron-core's scheme for tp > num_query_groups)
     heads = arch.get("num_attention_heads", 1)
-    sizes = {"num_attention_heads": heads, "num_key_value_heads": arch.get("num_key_value_heads") or heads,
-             "intermediate_size": arch.get("intermediate_size", tp)}
-    for name, n in sizes.items():
+    kv = arch.get("num_key_value_heads") or heads
+    head_dim = arch.get("head_dim") or arch.get("hidden_size", heads) // heads
+    moe = bool(arch.get("num_experts") or arch.get("num_local_experts"))
+    ffn_key = "moe_intermediate_size" if moe and "moe_intermediate_size" in arch else "intermediate_size"  # Mixtral
+    for name, n in {"num_attention_heads": heads, ffn_key: arch.get(ffn_key, tp)}.items():
         if n % tp:
             raise ConfigError(f"parallel.tp={tp}: does not divide the model's {name}={n}; choose a tp that "
                               "divides it")
+    if kv % tp and (tp % kv or head_dim % (tp // kv)):
+        raise ConfigError(f"parallel.tp={tp}: does not divide the model's num_key_value_heads={kv}, nor is it a "
+                          f"multiple of it that splits head_dim={head_dim}; use a tp that divides {kv} or a "
+                          f"multiple of {kv} dividing {kv * head_dim}")
     # megaent.model.arch.stage_layer_ranges' rule, restated: importing megaent.model pulls megatron-core in
     # (seconds, and its INFO lines) before a one-line usage error.
     layers, split = int(arch.get("num_hidden_layers", pp)), cfg.model.pipeline_layers
@@ -118,6 +127,11 @@ def check_layout(cfg: Config, *, world: int) -> None:
         raise ConfigError(f"model.pipeline_layers={split}: must sum to the model's num_hidden_layers={layers}")
     check_experts(cfg.parallel.ep, dp=world // (tp * pp), experts=arch.get("num_experts") or
                   arch.get("num_local_experts") or 0)
+    if moe and pp > 1 and arch.get("output_router_logits") and float(arch.get("router_aux_loss_coef") or 0) > 0:
+        # megaent.trainer.update._RouterLoss: the routers of earlier stages are not on the last stage
+        raise ConfigError(f"parallel.pp={pp}: config.json has output_router_logits=true (HF trains with the "
+                          "load-balancing loss), which megaent adds only at parallel.pp=1; use parallel.pp=1 "
+                          "(with parallel.ep / tp for memory) or set output_router_logits to false in config.json")
 
 
 def check_experts(ep: int, *, dp: int, experts: int) -> None:
