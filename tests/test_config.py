@@ -110,6 +110,7 @@ BAD = {
     "rollout.top_p": "1.5", "rollout.top_k": "0", "rollout.max_new_tokens": "0", "rollout.ignore_eos": "maybe",
     "rollout.request_timeout_s": "-1",
     "rollout.weight_sync": "ftp", "rollout.sglang_mem_fraction": "1.0", "rollout.sglang_tp": "0",
+    "rollout.colocate": "maybe", "rollout.async_steps": "2",
     "algorithm.policy_loss": "dpo", "algorithm.clip_ratio_low": "1.5", "algorithm.clip_ratio_high": "-0.1",
     "algorithm.dual_clip_c": "1.0", "algorithm.clip_cov_ratio": "0.5", "algorithm.clip_cov_lb": "9",
     "algorithm.clip_cov_ub": "0.5", "algorithm.kl_cov_ratio": "0", "algorithm.kl_cov_coef": "-1",
@@ -137,6 +138,17 @@ BAD = {
     "slurm.rollout_wait_s": "0", "slurm.extra_sbatch": "[qos]",
     "slurm.setup": ANY,  # shell lines
 }
+
+
+def test_async_and_colocate_need_servers_and_exclude_each_other():
+    for args, needle in ((["rollout.async_steps=1"], "rollout.engine=http/sglang"),
+                         (["rollout.colocate=true"], "rollout.engine=http/sglang"),
+                         (["rollout.engine=http", "rollout.urls=[http://h:1]", "rollout.colocate=true",
+                           "rollout.async_steps=1"], "rollout.async_steps=0")):
+        with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+            load_config(None, args)
+    cfg = load_config(None, ["rollout.engine=http", "rollout.urls=[http://h:1]", "rollout.async_steps=1"])
+    assert cfg.rollout.async_steps == 1 and Config().rollout.async_steps == 0
 
 
 def test_every_key_has_a_check():

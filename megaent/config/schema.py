@@ -114,6 +114,12 @@ class RolloutConfig:
     """--mem-fraction-static for launched SGLang servers."""
     sglang_tp: int = 1
     """Tensor-parallel size of each launched SGLang server."""
+    colocate: bool = False
+    """Rollout servers share the training GPUs: the trainer asks them to free their memory before each update
+    (/release_memory_occupation) and resumes it around the weight sync (weights, sync, KV cache)."""
+    async_steps: int = 0
+    """Generation runs this many steps ahead of the update (0 = synchronous, 1 = step k+1's rollouts are sampled
+    from the weights before step k's update while it runs; the ratio uses the sampler's log-probs)."""
 
 
 @dataclass

@@ -55,6 +55,8 @@ RULES: dict[str, Rule] = {
     "rollout.request_timeout_s": _positive(" seconds; the default is 600"),
     "rollout.sglang_mem_fraction": _unit(True, True, "; SGLang's default is 0.8"),
     "rollout.sglang_tp": _at_least(1),
+    "rollout.async_steps": ((lambda v: v in (0, 1)), "must be 0 (synchronous) or 1 (one step ahead); deeper "
+                            "pipelines are not implemented"),
     "algorithm.clip_ratio_low": ((lambda v: 0 <= v <= 1), "must be in [0, 1]; usually 0.2 (the paper's Clip-Cov "
                                  "scripts use 1: no lower bound)"),
     "algorithm.clip_ratio_high": _at_least(0, "; usually 0.2 or 0.28"),
@@ -134,6 +136,14 @@ def _consistency(cfg: Config) -> None:
     _check(r.weight_sync == "disk" or r.engine in ("http", "sglang"), "rollout.weight_sync", r.weight_sync,
            f"the {r.engine} rollout engine shares the training policy (no sync at all): set "
            "rollout.weight_sync=disk (the default), or rollout.engine=http/sglang for servers to sync into")
+    for key, on in (("rollout.async_steps", r.async_steps > 0), ("rollout.colocate", r.colocate)):
+        _check(not on or r.engine in ("http", "sglang"), key, getattr(r, key.split(".")[1]),
+               f"the {r.engine} rollout engine decodes on the training policy in this process, so it can neither "
+               f"run during the update nor release its memory: set {key}={'0' if 'async' in key else 'false'}, "
+               "or rollout.engine=http/sglang with servers in other processes")
+    _check(not (r.colocate and r.async_steps), "rollout.async_steps", r.async_steps,
+           "colocated servers release their memory during the update, when asynchronous generation would run: "
+           "set rollout.async_steps=0, or rollout.colocate=false with servers on their own GPUs")
     _check(t.prompts_per_step % t.mini_batch_size == 0, "trainer.mini_batch_size", t.mini_batch_size,
            f"must divide trainer.prompts_per_step={t.prompts_per_step}")
     if a.target_entropy is not None:

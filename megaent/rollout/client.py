@@ -18,6 +18,9 @@
   sync (slime's): POST /pause_generation (mode "retract": running requests go
   back to the queue, nothing is lost), /flush_cache, /update_weights_from_disk,
   and always /continue_generation.
+- `release_memory` / `resume_memory`: SGLang's /release_memory_occupation and
+  /resume_memory_occupation on every server (colocated rollouts,
+  rollout.colocate).
 """
 from __future__ import annotations
 
@@ -105,6 +108,16 @@ class SGLangClient:
 
     def continue_generation(self) -> None:
         asyncio.run(self._broadcast("/continue_generation", {}))
+
+    def release_memory(self, tags: Optional[Sequence[str]] = None) -> None:
+        """POST /release_memory_occupation on every server (tags: "weights", "kv_cache", "cuda_graph"; None = all):
+        a colocated trainer frees the servers' GPU memory before its update."""
+        asyncio.run(self._broadcast("/release_memory_occupation", {"tags": list(tags) if tags else None}))
+
+    def resume_memory(self, tags: Optional[Sequence[str]] = None) -> None:
+        """POST /resume_memory_occupation on every server (None = all; SGLang's order around a sync: "weights",
+        then the update, then "kv_cache")."""
+        asyncio.run(self._broadcast("/resume_memory_occupation", {"tags": list(tags) if tags else None}))
 
     def sync_weights_from_disk(self, path: str, *, weight_version: Optional[str] = None) -> list[dict]:
         """pause (retract) -> flush_cache -> update_weights_from_disk -> continue, on every server."""

@@ -8,7 +8,8 @@ POST|PUT /generate (native API, SSE with `stream`), GET /health,
 /health_generate, /model_info, /server_info (and the deprecated /get_model_info,
 /get_server_info), GET|POST /flush_cache, POST /update_weights_from_disk,
 /update_weight_version, /pause_generation, /continue_generation,
-/abort_request, and the OpenAI surface (megaent.rollout.openai_api): GET
+/abort_request, /release_memory_occupation, /resume_memory_occupation (colocated
+rollouts: megaent.rollout.memory_api), and the OpenAI surface (megaent.rollout.openai_api): GET
 /v1/models, POST /v1/completions, /v1/chat/completions. Request parsing and
 bounds: megaent.rollout.protocol; engine calls: megaent.rollout.generation; native
 routes: megaent.rollout.native_api.
@@ -42,7 +43,9 @@ from aiohttp import web
 
 from megaent.cli import SERVE_API_KEY_ENV as API_KEY_ENV, is_loopback  # noqa: F401 (re-exported)
 from megaent.rollout.batcher import DecodeStopped, DynamicBatcher
+from megaent.rollout.dist_update import DIST_OPS
 from megaent.rollout.embedded import EmbeddedEngine
+from megaent.rollout.memory_api import MEMORY_OPS, add_memory_routes
 from megaent.rollout.native_api import add_native_routes
 from megaent.rollout.openai_api import add_openai_routes
 from megaent.rollout.protocol import MAX_BODY_BYTES
@@ -52,7 +55,9 @@ from megaent.rollout.weight_update import load_checked
 
 log = logging.getLogger(__name__)
 # Engine-side operations besides EmbeddedEngine's own methods; the TP bus runs them on every rank.
-OPS: dict[str, Callable[..., Any]] = {"score_tokens": score_tokens, "load_checked": load_checked}
+# The followers of a TP > 1 server run only these, so every route's engine op is listed here.
+OPS: dict[str, Callable[..., Any]] = {"score_tokens": score_tokens, "load_checked": load_checked, **DIST_OPS,
+                                      **MEMORY_OPS}
 
 
 class TPCommandBus:
@@ -136,6 +141,7 @@ def build_app(engine: EmbeddedEngine, *, tokenizer: Any, model_path: str, call: 
         call = TPCommandBus(engine).call
     batcher = DynamicBatcher(lambda jobs: call("generate_many", jobs), window_s=window_s, max_rows=max_rows)
     install_step_hook(engine, batcher.should_stop)
+    engine.on_step = batcher.engine_step  # streamed answers get their tokens as they are decoded
     ctx = ServeContext(engine=engine, tokenizer=tokenizer, batcher=batcher, call=call, model_path=model_path,
                        served_model_name=served_model_name or model_path,
                        context_len=context_len or _context_len(model_path), tp=engine.state.tp)
@@ -152,6 +158,7 @@ def build_app(engine: EmbeddedEngine, *, tokenizer: Any, model_path: str, call: 
     app.on_cleanup.append(on_cleanup)
     add_native_routes(app, ctx)
     add_openai_routes(app, ctx)
+    add_memory_routes(app, ctx)
     return app
 
 

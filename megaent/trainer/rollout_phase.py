@@ -12,6 +12,8 @@ Engines (rollout.engine):
   to the servers per rollout.weight_sync: "disk" = `save_hf` to `rollout_weights/` + `/update_weights_from_disk`;
   "distributed" (alias "nccl") = SGLang's process-group route (`megaent.rollout.weight_sync.DistWeightSync`:
   bucket by bucket, TP/PP-gathered per tensor, broadcast by rank 0 over NCCL on GPUs or gloo on CPU, no file).
+  rollout.colocate: the servers free their memory before the update (`release`) and get it back around the
+  sync (SGLang's /release_memory_occupation, /resume_memory_occupation; megaent.rollout.memory_api).
 Every rank returns the same `list[list[Sample]]`, so the later phases are SPMD without further messages.
 
 Sampling seeds are derived from (trainer.seed, step, round, replica), so a resumed run draws the same samples.
@@ -141,11 +143,28 @@ class RolloutPhase:
         dist.all_gather_object(shares, local, group=st.dp_group)
         return [s for share in shares for s in share]
 
+    def release(self) -> None:
+        """rollout.colocate: rank 0 asks every server to free its weights and KV cache before the update."""
+        if self.cfg.colocate and self.client is not None:
+            self.client.release_memory()
+
     def sync(self, *, step: int) -> str:
-        """Collective: make the engine sample from the updated policy; returns the route taken."""
+        """Collective: make the engine sample from the updated policy; returns the route taken. Colocated
+        servers get their weights' memory back first and their KV cache after (SGLang's order; a server that
+        released nothing takes both as no-ops)."""
         if self.shares_policy:
             sync_inference(self.decoder, self.policy, self._copied)
             return "shared"
+        colocated = self.cfg.colocate and self.client is not None
+        if colocated:
+            self.client.resume_memory(["weights"])
+        try:
+            return self._push(step)
+        finally:
+            if colocated:
+                self.client.resume_memory(["kv_cache"])
+
+    def _push(self, step: int) -> str:
         if self.engine is None and self.cfg.weight_sync in ("distributed", "nccl"):
             return self._sync_distributed(step)
         from megaent.model import save_hf

@@ -107,6 +107,7 @@ class Trainer:
         t_roll = time.monotonic() - t0
         mine = partition_groups(samples, self.state.dp)[self.state.dp_rank]
         metrics = dict(roll)
+        self.rollout.release()  # rollout.colocate: the servers' memory is the update's until the sync
         metrics.update(self.update(step, mine))
         t_train = time.monotonic() - t0 - t_roll
         route = self.rollout.sync(step=step)
