@@ -31,23 +31,31 @@ MEM_MB=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 2 ))
 
 log() { echo "[local_cluster] $*" >&2; }
 
-# Alive = a process with this exact name in a state other than zombie (PID 1 here reaps slowly).
-alive() {
+# This cluster's processes named exactly $1: not those of slurm/netns_cluster.sh (started with -f its conf).
+our_pids() {
   local pid
   for pid in $(pgrep -x "$1" 2>/dev/null || true); do
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q slurm-megaent-multi || echo "$pid"
+  done
+}
+
+# Alive = one of ours in a state other than zombie (PID 1 here reaps slowly).
+alive() {
+  local pid
+  for pid in $(our_pids "$1"); do
     if [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != "Z" ]; then return 0; fi
   done
   return 1
 }
 
-# Send SIGTERM to the live (non-zombie) processes named exactly $1, then wait for them to go.
+# Send SIGTERM to our live (non-zombie) processes named exactly $1, then wait for them to go.
 stop_daemon() {
   local name=$1 pid i
-  for pid in $(pgrep -x "$name" 2>/dev/null || true); do
+  for pid in $(our_pids "$name"); do
     if [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != "Z" ]; then kill "$pid" 2>/dev/null || true; fi
   done
   for i in $(seq 50); do alive "$name" || return 0; sleep 0.2; done
-  for pid in $(pgrep -x "$name" 2>/dev/null || true); do kill -9 "$pid" 2>/dev/null || true; done
+  for pid in $(our_pids "$name"); do kill -9 "$pid" 2>/dev/null || true; done
 }
 
 install_packages() {
