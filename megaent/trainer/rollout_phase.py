@@ -83,6 +83,7 @@ class RolloutPhase:
         self.decoder: Any = None
         self._copied: list[str] = []
         self.servers: Any = None
+        self.version = 0  # the step whose weights the engine samples from (set by sync; 0 = the initial ones)
         if cfg.engine == "embedded":
             from megaent.rollout.embedded import EmbeddedEngine
 
@@ -127,7 +128,7 @@ class RolloutPhase:
         if self.cfg.engine != "embedded":
             out: list[Any] = [None]
             if st.rank == 0:
-                out[0] = self.client.generate(prompts, self.params(seed=derive_seed(self.seed, step, round_)))
+                out[0] = self.generate_here(prompts, step=step, round_=round_)
             if st.world_size > 1:
                 dist.broadcast_object_list(out, src=0)
             return out[0]
@@ -148,10 +149,16 @@ class RolloutPhase:
         if self.cfg.colocate and self.client is not None:
             self.client.release_memory()
 
+    def generate_here(self, prompts: list[list[int]], *, step: int, round_: int = 0) -> list[list[Sample]]:
+        """Rank 0, servers only: `generate`'s samples without its broadcast (the async producer thread)."""
+        assert self.client is not None, "generate_here runs on rank 0 with rollout servers"
+        return self.client.generate(prompts, self.params(seed=derive_seed(self.seed, step, round_)))
+
     def sync(self, *, step: int) -> str:
         """Collective: make the engine sample from the updated policy; returns the route taken. Colocated
         servers get their weights' memory back first and their KV cache after (SGLang's order; a server that
         released nothing takes both as no-ops)."""
+        self.version = step
         if self.shares_policy:
             sync_inference(self.decoder, self.policy, self._copied)
             return "shared"

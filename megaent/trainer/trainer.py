@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,9 @@ from megaent.trainer.metrics import MetricsSink, Progress
 from megaent.trainer.rollout_phase import RolloutPhase
 from megaent.trainer.signals import StopFlag
 from megaent.trainer.state_dict import canonical_state, finish_load
+
+if TYPE_CHECKING:
+    from megaent.trainer.async_rollout import RolloutBatch
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,12 @@ class Trainer:
         self.dynamics = EntropyDynamics()
         self.controller = components.build_entropy_controller(cfg)  # None unless algorithm.target_entropy is set
         self.sink: Optional[MetricsSink] = None  # opened in fit(), after a resume has truncated the files
+        self.prefetch = None  # rollout.async_steps: rank 0's producer of the next step's batch
+        if cfg.rollout.async_steps:
+            from megaent.trainer.async_rollout import Prefetcher
+
+            self.prefetch = Prefetcher(lambda step: self.gather(step, local=True), rank=state.rank,
+                                       world_size=state.world_size)
         self.stop = stop or StopFlag().install()
 
     # ------------------------------------------------------------------ loop
@@ -94,6 +103,8 @@ class Trainer:
 
     def close(self) -> None:
         self.stop.uninstall()
+        if self.prefetch is not None:
+            self.prefetch.close()
         self.rollout.close()
         if self.sink is not None:
             self.sink.close()
@@ -103,41 +114,59 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def train_step(self, step: int) -> dict[str, float]:
         t0 = time.monotonic()
-        samples, roll, texts = self.collect(step)
+        if self.prefetch is not None:  # rollout.async_steps: made during the last update (or now, at the start)
+            batch = self.prefetch.take(step)
+            if self.prompts is not None and batch.prompt_state is not None:
+                self.prompts.load_state_dict(batch.prompt_state)  # rank 0's thread drew the prompts
+            if step < self.cfg.trainer.steps:
+                self.prefetch.start(step + 1)  # sampled from the weights served now, while this step updates
+        else:
+            batch = self.gather(step, local=False)
+        samples, roll = self.finish_batch(step, batch)
         t_roll = time.monotonic() - t0
         mine = partition_groups(samples, self.state.dp)[self.state.dp_rank]
         metrics = dict(roll)
         self.rollout.release()  # rollout.colocate: the servers' memory is the update's until the sync
         metrics.update(self.update(step, mine))
         t_train = time.monotonic() - t0 - t_roll
+        if self.prefetch is not None:
+            self.prefetch.wait()  # the next batch is all from the old weights
+        t_wait = time.monotonic() - t0 - t_roll - t_train
         route = self.rollout.sync(step=step)
         step_s = time.monotonic() - t0
         tokens = sum(len(s) for s in samples)
         metrics.update({"time/rollout_s": t_roll, "time/train_s": t_train, "time/step_s": step_s,
+                        "time/rollout_gen_s": batch.gen_s, "time/prefetch_wait_s": t_wait,
                         "tokens_per_s": tokens / max(step_s, 1e-9), "rollout/sync_shared": float(route == "shared")})
         if self.state.rank == 0:
-            metrics.update(self.scorer.take_metrics())  # verifier timeouts, errors, crashes of this step
-            self.sink.log_samples(step, texts)
+            metrics.update(batch.scorer_metrics)  # verifier timeouts, errors, crashes of this batch
+            self.sink.log_samples(step, batch.texts)
         return metrics
 
-    def collect(self, step: int) -> tuple[list[TrainSample], dict[str, float], list[dict]]:
-        """Rollouts + rewards + group filter + advantages -> (TrainSamples identical on every rank, metrics,
-        a few decoded samples for samples.jsonl on rank 0).
+    def gather(self, step: int, *, local: bool) -> "RolloutBatch":
+        """Rollouts + rewards + group filter of step `step`, on every rank (collective), or with `local` on rank 0
+        alone (the async producer thread: the servers' client and the scorer, no process group).
 
         Group filter (DAPO dynamic sampling, `megaent.data.group_filter.fill_batch`): each round rolls out a
         full batch of fresh prompts and keeps the groups whose rewards differ, until prompts_per_step groups
         are kept or algorithm.group_filter_max_tries rounds are spent.
         """
         from megaent.data.group_filter import fill_batch
+        from megaent.trainer.async_rollout import RolloutBatch
 
         a, t, G = self.cfg.algorithm, self.cfg.trainer, self.cfg.rollout.n_samples
+        t0, version = time.monotonic(), self.rollout.version
         seen: dict[str, list] = {"rewards": [], "lengths": [], "texts": [], "timeouts": [0]}
-        self._rollout_lps = {}
 
         def sample_more(missing: int, round_: int) -> tuple[list, list[list[float]]]:
             prompts = self.prompts.next_batch()
-            groups = self.rollout.generate([list(p.ids) for p in prompts], step=step, round_=round_)
-            rewards, timeouts = self.score(prompts, groups)
+            ids = [list(p.ids) for p in prompts]
+            if local:
+                groups = self.rollout.generate_here(ids, step=step, round_=round_)
+                rewards, timeouts = self.score_here(prompts, groups)
+            else:
+                groups = self.rollout.generate(ids, step=step, round_=round_)
+                rewards, timeouts = self.score(prompts, groups)
             seen["timeouts"][0] += timeouts
             for p, g, r in zip(prompts, groups, rewards):
                 seen["rewards"].extend(r)
@@ -149,6 +178,19 @@ class Trainer:
 
         res = fill_batch(sample_more, target=t.prompts_per_step, max_tries=a.group_filter_max_tries if a.group_filter
                          else 1, drop_uninformative=a.group_filter and G > 1)  # one sample: nothing to compare
+        for _, g, _ in res.groups:
+            for s in g:
+                s.meta["weight_version"] = version
+        return RolloutBatch(step=step, fill=res, rewards=seen["rewards"], lengths=seen["lengths"], texts=seen["texts"],
+                            timeouts=seen["timeouts"][0], version=version, gen_s=time.monotonic() - t0,
+                            scorer_metrics=self.scorer.take_metrics() if self.scorer is not None else {},
+                            prompt_state=self.prompts.state_dict() if local else None)
+
+    def finish_batch(self, step: int, batch: "RolloutBatch") -> tuple[list[TrainSample], dict[str, float]]:
+        """Advantages -> (TrainSamples identical on every rank, rollout metrics); keeps the sampler's log-probs."""
+        a, t, G = self.cfg.algorithm, self.cfg.trainer, self.cfg.rollout.n_samples
+        res = batch.fill
+        self._rollout_lps = {}
         if not res.full:
             log.warning("step %d: group filter kept %d/%d groups after %d rounds; training on what was kept",
                         step, len(res.groups), t.prompts_per_step, res.rounds)
@@ -164,26 +206,31 @@ class Trainer:
                                                prompt_len=len(s.prompt_ids), advantage=float(adv[gi, j]),
                                                group=gi, uid=uid))
                     self._rollout_lps[uid] = s.logprobs
-        r = torch.tensor(seen["rewards"] or [0.0], device="cpu")
-        lengths = seen["lengths"]
+        r = torch.tensor(batch.rewards or [0.0], device="cpu")
+        lengths = batch.lengths
         metrics = {"reward/mean": float(r.mean()), "reward/std": float(r.std()) if r.numel() > 1 else 0.0,
                    "response/length_mean": float(sum(lengths) / max(len(lengths), 1)),
                    "response/length_max": float(max(lengths, default=0)),
-                   "reward/timeouts": float(seen["timeouts"][0]), **res.metrics()}
-        return samples, metrics, seen["texts"]
+                   "reward/timeouts": float(batch.timeouts), **res.metrics(),
+                   "rollout/staleness": float(step - 1 - batch.version)}  # policy updates sampler -> learner
+        return samples, metrics
 
     def score(self, prompts: list[Any], groups: list[list[Any]]) -> tuple[list[list[float]], int]:
         """Rank 0 verifies every response; the rewards are broadcast (1 broadcast_object_list)."""
         out: list[Any] = [None]
         if self.state.rank == 0:
-            texts = [self.tokenizer.decode(s.output_ids, skip_special_tokens=True) for g in groups for s in g]
-            answers = [p.answer for p, g in zip(prompts, groups) for _ in g]
-            flat, timeouts = self.scorer.score(texts, answers)
-            it = iter(flat)
-            out[0] = ([[next(it) for _ in g] for g in groups], timeouts)
+            out[0] = self.score_here(prompts, groups)
         if self.state.world_size > 1:
             dist.broadcast_object_list(out, src=0)
         return out[0]
+
+    def score_here(self, prompts: list[Any], groups: list[list[Any]]) -> tuple[list[list[float]], int]:
+        """Rank 0: (rewards per group, verifier timeouts); no collective."""
+        texts = [self.tokenizer.decode(s.output_ids, skip_special_tokens=True) for g in groups for s in g]
+        answers = [p.answer for p, g in zip(prompts, groups) for _ in g]
+        flat, timeouts = self.scorer.score(texts, answers)
+        it = iter(flat)
+        return [[next(it) for _ in g] for g in groups], timeouts
 
     def _micro_batches(self, samples: list[TrainSample]) -> list:
         """Token-balanced THD micro-batches of `samples` on the policy's device (equal count over DP)."""
@@ -207,6 +254,10 @@ class Trainer:
         cfg, st, t = self.cfg, self.state, self.cfg.trainer
         temp = cfg.rollout.temperature
         loss_cfg = components.controlled_loss(cfg.algorithm, self.controller)  # this step's k / r
+        behaviour = cfg.rollout.async_steps > 0  # the sampler's log-probs are the old ones (async_rollout)
+        if behaviour:
+            for s in mine:
+                s.old_logprobs = torch.tensor(self._rollout_lps[s.uid], dtype=torch.float32, device="cpu")
         mbs = self._micro_batches(mine)
         n_mini = t.prompts_per_step // t.mini_batch_size
         update_stats: list[dict[str, float]] = []
@@ -218,7 +269,7 @@ class Trainer:
                                  seed=components.derive_seed(t.seed, step, st.dp_rank, 7))
         hook = (lambda which: probe.hook(which)) if probe is not None else (lambda which: None)  # noqa: E731
         # One PPO update per rollout: the training forward's detached log-probs are the old ones (no extra pass).
-        on_policy = t.ppo_epochs == 1 and n_mini == 1 and cfg.algorithm.policy_loss == "ppo"
+        on_policy = not behaviour and t.ppo_epochs == 1 and n_mini == 1 and cfg.algorithm.policy_loss == "ppo"
         if on_policy:
             gen = torch.Generator().manual_seed(components.derive_seed(t.seed, step, 0, 0))
             update_stats.append(train_mini_batch(self.engine, mbs, loss_cfg=loss_cfg, state=st, generator=gen,
@@ -226,8 +277,8 @@ class Trainer:
                                                  on_hidden=hook("old")))
             old = logprobs_by_uid(mbs, samples=mine)
         else:
-            old = compute_logprobs(self.engine, mbs, state=st, temperature=temp, fill_old=True, samples=mine,
-                                   on_hidden=hook("old"))
+            old = compute_logprobs(self.engine, mbs, state=st, temperature=temp, fill_old=not behaviour,
+                                   samples=mine, on_hidden=hook("old"))
         before = batch_metrics(mbs, state=st)
         metrics = dict(before)
         metrics.update(self._consistency(old))
@@ -296,7 +347,12 @@ class Trainer:
                 "config": to_yaml(self.cfg),
                 "layout": self._layout(),
                 "hf_dir": str(self.hf_dir), "dynamics": self.dynamics.state_dict(),
+                **({"rollout_prefetch": b.to_json()} if (b := self._prefetched()) is not None else {}),
                 **({"controller": self.controller.state_dict()} if self.controller is not None else {})}
+
+    def _prefetched(self) -> Any:
+        """Rank 0, rollout.async_steps: the next step's batch, complete (the sync waited for it), or None."""
+        return self.prefetch.done_batch() if self.prefetch is not None else None
 
     def save(self, step: int) -> None:
         tensors = canonical_state(self.policy, self.engine, self.state, loading=False)
@@ -317,6 +373,10 @@ class Trainer:
         if self.controller is not None and "controller" in meta:  # a run that had no controller starts it fresh
             self.controller.load_state_dict(meta["controller"])
         step = int(meta["step"])
+        if self.prefetch is not None and "rollout_prefetch" in meta:  # sampled before the checkpoint's weights
+            from megaent.trainer.async_rollout import RolloutBatch
+
+            self.prefetch.put(RolloutBatch.from_json(meta["rollout_prefetch"]))
         self.rollout.sync(step=step)
         log.info("resumed from %s (step %d)", path, step)
         return step
