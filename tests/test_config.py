@@ -136,6 +136,7 @@ BAD = {
     "slurm.time": ANY,  # its format is checked by `megaent submit` (tests/test_slurm_render.py)
     "slurm.job_name": "'two words'", "slurm.signal_before_s": "-1", "slurm.rollout_port": "70000",
     "slurm.rollout_wait_s": "0", "slurm.extra_sbatch": "[qos]",
+    "slurm.rollout_server_cmd": "'megaent serve --model {model}'",  # no {port}: the trainer's URL would be wrong
     "slurm.setup": ANY,  # shell lines
 }
 

@@ -281,6 +281,10 @@ class SlurmConfig:
     """Port of the rollout server on each rollout node (URLs go to RUN_DIR/rollout_hosts.txt)."""
     rollout_wait_s: int = 1800
     """Seconds the job waits for the rollout servers' /health before it gives up."""
+    rollout_server_cmd: str = ""
+    """Command each rollout node runs; empty = SGLang's launch_server on GPUs, `megaent serve` on CPU. {python},
+    {model} and {port} become the interpreter, model.path and slurm.rollout_port (e.g. "megaent serve --model
+    {model} --host 0.0.0.0 --port {port}"); it must listen on {port} of every interface, key $MEGAENT_API_KEY."""
     extra_sbatch: list[str] = field(default_factory=list)
     """Extra sbatch options, one per entry (e.g. ["--qos=high", "--constraint=h100"])."""
     setup: str = ""

@@ -9,12 +9,26 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, Callable
 
 from megaent.config.errors import ConfigError
 from megaent.config.schema import Config
 
 Rule = tuple[Callable[[Any], bool], str]
+
+SERVER_CMD_FIELDS = ("python", "model", "port")  # the fields of slurm.rollout_server_cmd
+_SERVER_CMD_FIELD = re.compile(r"(?<!\$)\{(\w*)\}")  # {port}, not bash's ${VAR}
+
+
+def server_cmd_fields(cmd: str) -> list[str]:
+    """The `{name}` fields of a slurm.rollout_server_cmd template, in order (bash's `${VAR}` is not one)."""
+    return _SERVER_CMD_FIELD.findall(cmd)
+
+
+def fill_server_cmd(cmd: str, values: dict[str, str]) -> str:
+    """Replace the `{name}` fields of a validated slurm.rollout_server_cmd template."""
+    return _SERVER_CMD_FIELD.sub(lambda m: values[m.group(1)], cmd)
 
 
 def _at_least(n: int | float, why: str = "") -> Rule:
@@ -107,6 +121,11 @@ RULES: dict[str, Rule] = {
     "slurm.rollout_wait_s": _at_least(1, " seconds"),
     "slurm.extra_sbatch": ((lambda v: all(str(x).startswith("-") for x in v)),
                            "each entry must be one sbatch option, e.g. [\"--qos=high\"]"),
+    "slurm.rollout_server_cmd": ((lambda v: not v or (set(server_cmd_fields(v)) <= set(SERVER_CMD_FIELDS)
+                                                      and "port" in server_cmd_fields(v))),
+                                 "may use only {python}, {model} and {port}, and needs {port} (the URL the trainer "
+                                 "is given), e.g. \"megaent serve --model {model} --host 0.0.0.0 --port {port}\"; "
+                                 "empty = the default server"),
 }
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from megaent.config.schema import Config
+from megaent.config.validate import fill_server_cmd
 from megaent.slurm.template import SBATCH_TEMPLATE
 
 REQUEUE_EXIT_CODE = 3  # the trainer's "checkpointed after a stop signal, requeue me"
@@ -63,6 +64,7 @@ class JobSpec:
     sglang_mem_fraction: float = 0.8
     rollout_port: int = 30000
     rollout_wait_s: int = 1800
+    rollout_server_cmd: str = ""  # slurm.rollout_server_cmd template; empty = SGLang (GPU) / megaent serve (CPU)
     extra_sbatch: tuple[str, ...] = field(default_factory=tuple)
     setup: str = ""
 
@@ -88,7 +90,8 @@ def job_spec(cfg: Config, *, config_path: str, run_dir: str, workdir: str, overr
         time=s.time, job_name=s.job_name, signal_before_s=s.signal_before_s, overrides=tuple(overrides),
         entrypoint=entrypoint, python=python, model_path=cfg.model.path, sglang_tp=cfg.rollout.sglang_tp,
         sglang_mem_fraction=cfg.rollout.sglang_mem_fraction, rollout_port=s.rollout_port,
-        rollout_wait_s=s.rollout_wait_s, extra_sbatch=tuple(s.extra_sbatch), setup=s.setup,
+        rollout_wait_s=s.rollout_wait_s, rollout_server_cmd=s.rollout_server_cmd, extra_sbatch=tuple(s.extra_sbatch),
+        setup=s.setup,
     )
     check_spec(spec, world_divisor=cfg.parallel.tp * cfg.parallel.pp)
     return spec
@@ -182,11 +185,15 @@ def env_lines(spec: JobSpec) -> list[str]:
 
 
 def rollout_server_cmd(spec: JobSpec) -> str:
-    """One server per rollout node: SGLang on GPUs, `megaent serve` (same HTTP protocol) on CPU.
+    """One server per rollout node: SGLang on GPUs, `megaent serve` (same HTTP protocol) on CPU, or the
+    `slurm.rollout_server_cmd` template with {python}, {model} and {port} filled in.
 
     Both listen on every interface (the trainer is on other nodes), so both require the job's API key:
     SGLang through `--api-key`, `megaent serve` through $MEGAENT_API_KEY (kept off its command line)."""
     q = shlex.quote
+    if spec.rollout_server_cmd:
+        return fill_server_cmd(spec.rollout_server_cmd, {"python": spec.python, "model": q(spec.model_path),
+                                                         "port": str(spec.rollout_port)})
     if spec.gpus_per_node:
         return (f"{spec.python} -m sglang.launch_server --model-path {q(spec.model_path)} --host 0.0.0.0 "
                 f"--port {spec.rollout_port} --tp-size {spec.sglang_tp} "
@@ -207,6 +214,9 @@ def rollout_block(spec: JobSpec) -> str:
         f"# servers and the trainer through the environment (SGLangClient sends it as a Bearer token).\n"
         f"MEGAENT_API_KEY=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n')\n"
         f"export MEGAENT_API_KEY\n"
+        f"# Each server is a world of its own on its node: without its own MASTER_ADDR/PORT, `megaent serve` (a\n"
+        f"# one-task Slurm step) would join the trainer's rendezvous on the first node and wait there for ever.\n"
+        f"MASTER_ADDR=127.0.0.1 MASTER_PORT={spec.rollout_port + 1} \\\n"
         f"srun --nodes={m} --ntasks={m} --ntasks-per-node=1 --nodelist=\"$ROLLOUT_NODES\"{gpus} \\\n"
         f"     --output=\"$RUN_DIR/logs/%j-rollout-%N.log\" --open-mode=append \\\n"
         f"     {rollout_server_cmd(spec)} &\n"
