@@ -171,6 +171,34 @@ def test_stream_is_sglang_sse_and_ends_with_the_plain_answer(url, http):
     assert {e["index"] for e in batch} == {0, 1}
 
 
+def test_stream_sends_each_token_while_the_answer_decodes(url, http):
+    """Real streaming, not a replay of the finished answer: the first chunk leaves the server after one decode
+    step (its e2e_latency a small part of the whole answer's), one chunk per token, and the stream's last object
+    is the non-streamed answer (same seed)."""
+    body = {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 160, "sampling_seed": 6, "ignore_eos": True}}
+    plain = http.post(url + "/generate", json=body).json()
+    events = _sse(http.post(url + "/generate", json={**body, "stream": True}).text)
+    lat = [e["meta_info"]["e2e_latency"] for e in events]
+    assert len(events) == 160 and [e["meta_info"]["completion_tokens"] for e in events] == list(range(1, 161))
+    assert lat == sorted(lat) and lat[0] < 0.25 * lat[-1], lat[::20]
+    assert events[-1]["output_ids"] == plain["output_ids"] and events[-1]["text"] == plain["text"]
+    assert all(events[k]["output_ids"] == plain["output_ids"][:k + 1] for k in range(160))
+
+
+def test_stream_never_shows_a_stop_string_it_then_cuts(url, http, local, tok):
+    """With a stop string, partial texts are prefixes of the final (trimmed) text and never hold the stop string;
+    the partial chunks end where the stop is met and the last object is the cut answer."""
+    ref = _sample(local, max_new_tokens=40, seed=11, ignore_eos=True).output_ids
+    j, ch = _ascii_stop(tok, ref)
+    body = {"input_ids": PROMPT, "stream": True, "sampling_params": {"max_new_tokens": 40, "sampling_seed": 11,
+                                                                       "ignore_eos": True, "stop": [ch]}}
+    events = _sse(http.post(url + "/generate", json=body).text)
+    final = events[-1]
+    assert final["output_ids"] == ref[:j + 1] and final["meta_info"]["finish_reason"]["matched"] == ch
+    assert len(events) == j + 1  # tokens 1..j as partials, then the final object
+    assert all(final["text"].startswith(e["text"]) and ch not in e["text"] for e in events)
+
+
 def test_pause_continue_abort_and_weight_version(url, http):
     body = {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 4}, "rid": "held"}
     assert http.post(url + "/pause_generation", json={"mode": "in_place"}).json() == {

@@ -253,5 +253,13 @@ def test_openai_client_completions_and_chat(server):
     s = client.completions.create(model=name, prompt="hello", max_tokens=6, temperature=0, stream=True)
     plain = client.completions.create(model=name, prompt="hello", max_tokens=6, temperature=0)
     assert "".join(ch.choices[0].text for ch in s) == plain.choices[0].text
+    # n = 2 with a seed: the chunks of both answers interleave while they decode; each index spells its answer
+    kw = dict(model=name, prompt="hello", max_tokens=12, n=2, seed=3, temperature=0.9)
+    plain2 = client.completions.create(**kw)
+    per: dict = {0: "", 1: ""}
+    for ch in client.completions.create(**kw, stream=True):
+        for c in ch.choices:
+            per[c.index] += c.text
+    assert [per[0], per[1]] == [c.text for c in sorted(plain2.choices, key=lambda c: c.index)]
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.completions.create(model=name, prompt="hello", max_tokens=10**6)

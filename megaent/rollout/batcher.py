@@ -15,6 +15,11 @@ really fails gets the error. Aborts: a request whose client hung up, or that
 `/abort_request` / `pause_generation(mode="abort")` named, is dropped from the
 queue at once; a running batch whose requests are all gone is stopped between
 two decode steps (`should_stop`, polled by the server's engine hook).
+
+Streaming: a request submitted with `on_tokens(i, j, t, token, logprob)` gets each
+new token (the t-th) of its prompt i, sample j on the event loop as the engine decodes it
+(`engine_step`, the engine's `on_step` hook, runs on the engine thread and
+costs one small host copy per step only while a streaming request decodes).
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ class _Item:
     params: SamplingParams
     fut: asyncio.Future
     rids: frozenset = field(default_factory=frozenset)
+    on_tokens: Optional[Callable[[int, int, int, int, float], None]] = None
 
 
 class DynamicBatcher:
@@ -55,6 +61,7 @@ class DynamicBatcher:
         self.window_s = window_s
         self.max_rows = max_rows
         self._queue: Optional[asyncio.Queue] = None
+        self._event_loop: Optional[asyncio.AbstractEventLoop] = None
         self._worker: Optional[asyncio.Task] = None
         self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="megaent-engine")
         self._waiting: list[_Item] = []  # queued, not yet decoding
@@ -67,6 +74,7 @@ class DynamicBatcher:
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
+        self._event_loop = asyncio.get_running_loop()
         self._worker = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
@@ -80,10 +88,14 @@ class DynamicBatcher:
 
     # ------------------------------------------------------------ requests
     async def submit(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
-                     rids: Sequence[str] = ()) -> list[list[Sample]]:
-        """Decode one job; raises RequestAborted if it is aborted, the engine's error if it fails."""
+                     rids: Sequence[str] = (), on_tokens: Optional[Callable[[int, int, int, int, float], None]] = None
+                     ) -> list[list[Sample]]:
+        """Decode one job; raises RequestAborted if it is aborted, the engine's error if it fails.
+        `on_tokens(i, j, t, token, logprob)`: called on the event loop with token t of prompt i's sample j as
+        it is decoded."""
         assert self._queue is not None, "call start() first"
-        item = _Item([list(p) for p in prompts], params, asyncio.get_running_loop().create_future(), frozenset(rids))
+        item = _Item([list(p) for p in prompts], params, asyncio.get_running_loop().create_future(), frozenset(rids),
+                     on_tokens)
         self.in_flight += 1
         try:
             self._waiting.append(item)
@@ -98,6 +110,20 @@ class DynamicBatcher:
         """True when no request of the running batch still wants its result (thread-safe read)."""
         running = self._running
         return bool(running) and all(it.fut.done() for it in running)
+
+    def engine_step(self, chunk: list, t: int, tokens: Any, logprobs: Any, lengths: Any) -> None:
+        """The engine's `on_step` hook (engine thread): hand step t's tokens to the streaming requests.
+
+        chunk[q] = (job index, prompt index, sample index, ...) of decode row q; a row has a token of step t
+        where lengths[q] == t + 1."""
+        running, loop = self._running, self._event_loop
+        if loop is None or not any(it.on_tokens is not None for it in running):
+            return
+        toks, lps, lens = tokens.tolist(), logprobs.tolist(), lengths.tolist()
+        for q, row in enumerate(chunk):
+            it = running[row[0]]
+            if it.on_tokens is not None and lens[q] == t + 1 and not it.fut.done():
+                loop.call_soon_threadsafe(it.on_tokens, row[1], row[2], t, toks[q], lps[q])
 
     def abort(self, *, rid: Optional[str] = None, abort_all: bool = False) -> int:
         """Abort the queued and running requests carrying `rid` (or all); returns how many."""

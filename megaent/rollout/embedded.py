@@ -26,7 +26,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -119,6 +119,9 @@ class EmbeddedEngine:
         self._tape_pool: Any = None  # megaent.model.tape.TapePool: released tapes' buffers, for the next ones
         self._tape_serial = 0
         self._tape_tag = f"{os.getpid()}-{next(_ENGINE_IDS)}"  # this engine's tapes only (no global RNG draw)
+        # on_step(chunk, t, tokens [B], logprobs [B], lengths [B]) after decode step t, with every row's token of
+        # that step (valid where lengths == t + 1): how `megaent serve` streams answers while they decode.
+        self.on_step: Optional[Callable[[list, int, torch.Tensor, torch.Tensor, torch.Tensor], None]] = None
 
     @classmethod
     def from_hf(cls, hf_dir: str | Path, state: Any, *, dtype: torch.dtype = torch.float32, **kw: Any
@@ -298,6 +301,8 @@ class EmbeddedEngine:
             out_tok[rows.out_row, t] = tok
             out_lp[rows.out_row, t] = lp
             out_len[rows.out_row] += live.long()
+            if self.on_step is not None:
+                self.on_step(chunk, t, out_tok[:, t], out_lp[:, t], out_len)
             hit = (tok.unsqueeze(-1) == rows.stop_ids).any(-1) & live
             stopped[rows.out_row] |= hit
             live = live & ~hit & (t + 1 < rows.max_new)

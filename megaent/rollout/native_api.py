@@ -21,8 +21,8 @@ from typing import Any, AsyncIterator, Optional
 from aiohttp import web
 
 from megaent.rollout.dist_update import DIST_OPS, parse_dtype, weights_by_name
-from megaent.rollout.generation import format_result, run_generate, stream_texts
-from megaent.rollout.protocol import BadRequest, get_bool, get_int, parse_generate
+from megaent.rollout.generation import format_result, run_generate, stream_generate
+from megaent.rollout.protocol import BadRequest, error_body, get_bool, get_int, parse_generate
 from megaent.rollout.serve_context import ServeContext, bad_request, read_json, send_sse
 from megaent.rollout.types import SamplingParams
 from megaent.rollout.weight_update import WeightMismatch, check_compatible
@@ -41,28 +41,34 @@ def add_native_routes(app: web.Application, ctx: ServeContext) -> None:
                                  context_len=ctx.context_len)
         except BadRequest as e:
             return bad_request(str(e))
+        wv = ctx.info["weight_version"]
+        if req.stream:
+            async def events() -> AsyncIterator[dict]:
+                chunks = stream_generate(req, batcher=batcher, tokenizer=tok, eos_ids=ctx.engine.eos_token_ids,
+                                         score=ctx.score)
+                try:
+                    async for c in chunks:
+                        ev = format_result(c.result, req, req.rids[c.index], tokenizer=tok,
+                                           weight_version=ctx.info["weight_version"], started=started, done=c.done,
+                                           text=c.text)
+                        if not req.single:
+                            ev["index"] = c.index
+                        yield ev
+                except Exception as e:  # the stream has begun: SGLang sends the error as the last event
+                    log.exception("generate failed")
+                    yield error_body(f"generation failed: {e}", 500)
+                finally:
+                    await chunks.aclose()  # a client that hung up: its decode is aborted
+            return await send_sse(request, events())
         try:
             results = await run_generate(req, batcher=batcher, tokenizer=tok, eos_ids=ctx.engine.eos_token_ids,
                                          score=ctx.score)
         except Exception as e:  # an engine failure of this request alone (see batcher): 500, clients retry
             log.exception("generate failed")
             return bad_request(f"generation failed: {e}", 500)
-        wv = ctx.info["weight_version"]
-        if not req.stream:
-            objs = [format_result(r, req, rid, tokenizer=tok, weight_version=wv, started=started)
-                    for r, rid in zip(results, req.rids)]
-            return web.json_response(objs[0] if req.single else objs)
-
-        async def events() -> AsyncIterator[dict]:
-            for k, (r, rid) in enumerate(zip(results, req.rids)):
-                texts = stream_texts(r, tok) or [""]
-                for upto, text in enumerate(texts, start=1):
-                    ev = format_result(r, req, rid, tokenizer=tok, weight_version=wv, started=started, upto=upto,
-                                       text=text)
-                    if not req.single:
-                        ev["index"] = k
-                    yield ev
-        return await send_sse(request, events())
+        objs = [format_result(r, req, rid, tokenizer=tok, weight_version=wv, started=started)
+                for r, rid in zip(results, req.rids)]
+        return web.json_response(objs[0] if req.single else objs)
 
     async def health(_: web.Request) -> web.Response:
         return web.Response(status=200)

@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Optional
 
 from aiohttp import web
 
-from megaent.rollout.generation import Result, run_generate, stream_texts, text_of
+from megaent.rollout.generation import Chunk, Result, run_generate, stream_generate, text_of
 from megaent.rollout.protocol import (INT64, MAX_ROWS, BadRequest, GenerateRequest, Job, check_context, get_bool,
                                       get_int, openai_error_body, parse_sampling_params)
 from megaent.rollout.serve_context import ServeContext, read_json, send_sse
@@ -97,8 +97,8 @@ def add_openai_routes(app: web.Application, ctx: ServeContext) -> None:
                 raise BadRequest(f"{key}: tool calling is not supported by megaent serve; omit it")
         return body
 
-    async def run(prompts: list[list[int]], body: dict, *, max_tokens: Optional[int], logprobs: bool,
-                  top_n: int) -> tuple[list[Result], GenerateRequest]:
+    def request_of(prompts: list[list[int]], body: dict, *, max_tokens: Optional[int], logprobs: bool,
+                   top_n: int) -> GenerateRequest:
         longest = max(len(p) for p in prompts)
         if max_tokens is None:
             max_tokens = max(ctx.context_len - longest, 0)
@@ -108,12 +108,28 @@ def add_openai_routes(app: web.Application, ctx: ServeContext) -> None:
         for p in prompts:
             check_context(len(p), opts.max_new_tokens, context_len=ctx.context_len, field_name="max_tokens")
         rid = body.get("rid") if isinstance(body.get("rid"), str) else uuid.uuid4().hex
-        req = GenerateRequest(jobs=[Job(prompts, params, opts, 0)], n_prompts=len(prompts), single=False,
-                              rids=[f"{rid}_{k}" for k in range(len(prompts) * params.n)], return_logprob=logprobs,
-                              top_logprobs_num=top_n)
-        results = await run_generate(req, batcher=ctx.batcher, tokenizer=tok, eos_ids=ctx.engine.eos_token_ids,
-                                     score=ctx.score)
-        return results, req
+        return GenerateRequest(jobs=[Job(prompts, params, opts, 0)], n_prompts=len(prompts), single=False,
+                               rids=[f"{rid}_{k}" for k in range(len(prompts) * params.n)], return_logprob=logprobs,
+                               top_logprobs_num=top_n)
+
+    async def run(req: GenerateRequest) -> list[Result]:
+        return await run_generate(req, batcher=ctx.batcher, tokenizer=tok, eos_ids=ctx.engine.eos_token_ids,
+                                  score=ctx.score)
+
+    async def deltas(req: GenerateRequest) -> AsyncIterator[tuple[Chunk, str]]:
+        """(chunk, the text it adds) while the answers decode; every final chunk, with its remaining text."""
+        sent: dict[int, str] = {}
+        chunks = stream_generate(req, batcher=ctx.batcher, tokenizer=tok, eos_ids=ctx.engine.eos_token_ids,
+                                 score=ctx.score)
+        try:
+            async for c in chunks:
+                before = sent.get(c.index, "")
+                add = c.text[len(before):] if c.text.startswith(before) else ""
+                if add or c.done:
+                    sent[c.index] = before + add
+                    yield c, add
+        finally:
+            await chunks.aclose()
 
     def stream_options(body: dict) -> bool:
         so = body.get("stream_options")
@@ -138,7 +154,7 @@ def add_openai_routes(app: web.Application, ctx: ServeContext) -> None:
             stream = get_bool(body, "stream", False, where="")
             echo = get_bool(body, "echo", False, where="")
             max_tokens = get_int(body, "max_tokens", 16, where="", lo=0, hi=INT64 - 1)
-            results, req = await run(prompts, body, max_tokens=max_tokens, logprobs=lp is not None, top_n=lp or 0)
+            req = request_of(prompts, body, max_tokens=max_tokens, logprobs=lp is not None, top_n=lp or 0)
         except BadRequest as e:
             return _error(str(e))
         n = req.jobs[0].params.n
@@ -153,27 +169,29 @@ def add_openai_routes(app: web.Application, ctx: ServeContext) -> None:
             return tok.decode(r.prompt_ids) if echo else ""
 
         if not stream:
+            results = await run(req)
             return web.json_response({"id": cid, "object": "text_completion", "created": created, "model": model,
                                       "choices": [choice(k, r, prefix(r) + text_of(r, tok))
                                                   for k, r in enumerate(results)],
                                       "usage": _usage(results, n)})
 
+        def event(choices: list) -> dict:
+            return {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": choices}
+
         async def events() -> AsyncIterator[dict]:
-            for k, r in enumerate(results):
-                sent = ""
-                if echo:
-                    yield {"id": cid, "object": "text_completion", "created": created, "model": model,
-                           "choices": [choice(k, r, prefix(r), done=False)]}
-                for text in stream_texts(r, tok):
-                    if len(text) > len(sent):
-                        yield {"id": cid, "object": "text_completion", "created": created, "model": model,
-                               "choices": [choice(k, r, text[len(sent):], done=False)]}
-                        sent = text
-                yield {"id": cid, "object": "text_completion", "created": created, "model": model,
-                       "choices": [choice(k, r, "")]}
+            finals: dict[int, Result] = {}
+            if echo:
+                for k in range(len(req.rids)):
+                    yield event([choice(k, Result(req.jobs[0].prompts[k // n], [], [], {}, req.jobs[0].opts),
+                                        tok.decode(req.jobs[0].prompts[k // n]), done=False)])
+            async for c, add in deltas(req):
+                if add:
+                    yield event([choice(c.index, c.result, add, done=False)])
+                if c.done:
+                    finals[c.index] = c.result
+                    yield event([choice(c.index, c.result, "")])
             if stream_options(body):
-                yield {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [],
-                       "usage": _usage(results, n)}
+                yield {**event([]), "usage": _usage([finals[k] for k in sorted(finals)], n)}
         return await send_sse(request, events())
 
     # ---------------------------------------------------------------- /v1/chat/completions
@@ -218,12 +236,13 @@ def add_openai_routes(app: web.Application, ctx: ServeContext) -> None:
             stream = get_bool(body, "stream", False, where="")
             mt = get_int(body, "max_completion_tokens", None, where="", lo=0, hi=INT64 - 1)
             mt = get_int(body, "max_tokens", mt, where="", lo=0, hi=INT64 - 1)
-            results, req = await run([prompt], body, max_tokens=mt, logprobs=want_lp, top_n=top_n if want_lp else 0)
+            req = request_of([prompt], body, max_tokens=mt, logprobs=want_lp, top_n=top_n if want_lp else 0)
         except BadRequest as e:
             return _error(str(e))
         n = req.jobs[0].params.n
         cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), ctx.served_model_name
         if not stream:
+            results = await run(req)
             choices = []
             for k, r in enumerate(results):
                 reason, matched = _finish(r)
@@ -240,18 +259,19 @@ def add_openai_routes(app: web.Application, ctx: ServeContext) -> None:
                                  "matched_stop": matched}]}
 
         async def events() -> AsyncIterator[dict]:
-            for k, r in enumerate(results):
+            finals: dict[int, Result] = {}
+            for k in range(len(req.rids)):
                 yield chunk(k, {"role": "assistant", "content": ""})
-                sent = ""
-                for text in stream_texts(r, tok):
-                    if len(text) > len(sent):
-                        yield chunk(k, {"content": text[len(sent):]})
-                        sent = text
-                reason, matched = _finish(r)
-                yield chunk(k, {}, reason, matched, chat_logprobs(r, top_n) if want_lp else None)
+            async for c, add in deltas(req):
+                if add:
+                    yield chunk(c.index, {"content": add})
+                if c.done:
+                    finals[c.index] = c.result
+                    reason, matched = _finish(c.result)
+                    yield chunk(c.index, {}, reason, matched, chat_logprobs(c.result, top_n) if want_lp else None)
             if stream_options(body):
                 yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                       "choices": [], "usage": _usage(results, n)}
+                       "choices": [], "usage": _usage([finals[k] for k in sorted(finals)], n)}
         return await send_sse(request, events())
 
     app.router.add_get("/v1/models", models)

@@ -46,8 +46,13 @@ async def send_sse(request: web.Request, events: AsyncIterator[dict]) -> web.Str
     """`data: {json}\\n\\n` per event, then `data: [DONE]\\n\\n` (SGLang's and OpenAI's framing)."""
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
-    async for ev in events:
-        await resp.write(b"data: " + json.dumps(ev, ensure_ascii=False).encode() + b"\n\n")
+    try:
+        async for ev in events:
+            await resp.write(b"data: " + json.dumps(ev, ensure_ascii=False).encode() + b"\n\n")
+    finally:  # also when the client hung up mid-stream: the generator's cleanup (aborting the decode) runs now
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()
     await resp.write(b"data: [DONE]\n\n")
     await resp.write_eof()
     return resp

@@ -141,6 +141,7 @@ def build_app(engine: EmbeddedEngine, *, tokenizer: Any, model_path: str, call: 
         call = TPCommandBus(engine).call
     batcher = DynamicBatcher(lambda jobs: call("generate_many", jobs), window_s=window_s, max_rows=max_rows)
     install_step_hook(engine, batcher.should_stop)
+    engine.on_step = batcher.engine_step  # streamed answers get their tokens as they are decoded
     ctx = ServeContext(engine=engine, tokenizer=tokenizer, batcher=batcher, call=call, model_path=model_path,
                        served_model_name=served_model_name or model_path,
                        context_len=context_len or _context_len(model_path), tp=engine.state.tp)
