@@ -4,8 +4,9 @@
 #  2. enables the real-Slurm tests (MEGAENT_SLURM_TESTS=1, tests/test_slurm_cluster.py). As root these run
 #     slurm/local_cluster.sh start: apt-get install slurm-wlm munge, write /etc/slurm/slurm.conf and
 #     /etc/munge/munge.key, start munged, slurmctld and slurmd (one node on 127.0.0.1). Not root: they skip.
+#     tests/test_slurm_multinode.py also brings up slurm/netns_cluster.sh (3 nodes in network namespaces).
 #  3. runs pytest, and on exit (pass, fail or Ctrl-C) stops every Slurm daemon that was not already running
-#     when it began.
+#     when it began, and removes the 3-node cluster (daemons, namespaces, bridge) if this run created it.
 # MEGAENT_SLURM_TESTS=0 bash tools/test.sh: no Slurm (nothing installed but pip packages, no daemons).
 # Extra arguments go to pytest: bash tools/test.sh tests/test_cli_help.py -x
 set -euo pipefail
@@ -15,12 +16,20 @@ export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 export MEGAENT_SLURM_TESTS=${MEGAENT_SLURM_TESTS:-1}
 
 DAEMONS=(slurmd slurmctld munged)  # stop order
-running() { pgrep -x "$1" > /dev/null 2>&1; }
+running() { pgrep -a -x "$1" 2>/dev/null | grep -qv slurm-megaent-multi; }  # the one-node cluster's
 before=()
 for d in "${DAEMONS[@]}"; do running "$d" && before+=("$d"); done
+# The 3-node cluster of tests/test_slurm_multinode.py (slurm/netns_cluster.sh): namespaces, bridge, daemons.
+multi_up() { ip netns list 2>/dev/null | grep -q '^megaent-mgnode'; }
+multi_before=0
+multi_up && multi_before=1
 
 stop_started() {
   local d started=()
+  if [ "$multi_before" = 0 ] && multi_up; then
+    echo "tools/test.sh: removing the 3-node netns Slurm cluster this run started" >&2
+    bash slurm/netns_cluster.sh stop || true
+  fi
   for d in "${DAEMONS[@]}"; do
     if running "$d" && [[ " ${before[*]} " != *" $d "* ]]; then started+=("$d"); fi
   done
