@@ -2,7 +2,8 @@
 
 The server's rank 0 answers HTTP and drives rank 1 over the TP group; sampling streams are keyed by (seed,
 prompt, sample), not by the TP layout, so the TP=2 server must return the TP=1 engine's tokens exactly and
-its log-probs to 1e-5, for sampled and greedy requests, and follow a weight update from disk.
+its log-probs to 1e-5, for sampled and greedy requests, and follow a weight update from disk and one over a
+process group (rollout.weight_sync=distributed: both TP ranks join the group and keep their shards).
 
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_rollout_server_tp.py
 """
@@ -89,5 +90,20 @@ def test_tp2_server_under_torchrun_matches_tp1_engine(tmp_path):
             assert _ids(after) != _ids(before)
             perturbed = EmbeddedEngine(policy, state, eos_token_ids=local.eos_token_ids)
             assert _ids(after) == _ids(_expected(perturbed, PROMPTS, greedy))
+            # The distributed sync reaches both TP ranks too (their TP bus runs the weight-update ops).
+            from megaent.config import RolloutConfig
+            from megaent.trainer.rollout_phase import RolloutPhase
+
+            with torch.no_grad():
+                for p in policy.parameters():
+                    p.add_(torch.randn(p.shape, generator=g) * 0.2)
+            phase = RolloutPhase(RolloutConfig(engine="http", urls=[url], weight_sync="distributed"), policy=policy,
+                                 state=state, hf_dir=str(hf_dir), run_dir=tmp_path, eos_token_ids=[], seed=0)
+            try:
+                assert phase.sync(step=2) == "distributed"
+            finally:
+                phase.close()
+            synced = client.generate(PROMPTS, greedy)
+            assert _ids(synced) != _ids(after) and _ids(synced) == _ids(_expected(perturbed, PROMPTS, greedy))
     finally:
         torch.set_num_threads(n)
