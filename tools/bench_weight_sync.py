@@ -18,35 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-
-def build_checkpoint(out: Path, a: argparse.Namespace) -> Path:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=4 * a.hidden,
-                      num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
-                      max_position_embeddings=4096, tie_word_embeddings=True, eos_token_id=1, pad_token_id=0)
-    Qwen2ForCausalLM(cfg).save_pretrained(out)
-    return out
-
-
-def timed_pair(ours, ref, repeats: int) -> tuple[float, float]:
-    """Median seconds of `ours` and `ref` after one warm-up each, runs interleaved (ours, ref, ours, ...)."""
-    ours(), ref()
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(repeats):
-        for side, fn in enumerate((ours, ref)):
-            t0 = time.perf_counter()
-            fn()
-            times[side].append(time.perf_counter() - t0)
-    return statistics.median(times[0]), statistics.median(times[1])
+# the same checkpoint builder and interleaved timer as the rollout bench (tools/ is on sys.path when run)
+from bench_rollout import build_checkpoint, timed_pair
 
 
 def main() -> None:
