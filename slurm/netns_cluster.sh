@@ -233,7 +233,7 @@ stop_daemons() {
 
 other_slurm_daemons() {  # live slurmctld / slurmd processes that are not this cluster's
   local pid
-  for pid in $(pgrep -x 'slurmctld|slurmd' 2>/dev/null || true); do
+  for pid in $(pgrep -x slurmctld 2>/dev/null || true) $(pgrep -x slurmd 2>/dev/null || true); do
     pid_alive "$pid" && ! tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "$CONF_DIR" && return 0
   done
   return 1
