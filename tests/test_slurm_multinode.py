@@ -1,4 +1,4 @@
-"""The rendered multi-node job on a real 3-node Slurm cluster (slurm/netns_cluster.sh): 2 training nodes + 1 rollout node.
+"""The rendered multi-node job on a real 3-node Slurm cluster (slurm/netns_cluster.sh): 2 training + 1 rollout node.
 
 One job, submitted as a user would (`megaent submit CONFIG --nodes 2 --rollout-nodes 1 ...`, the console script),
 trains configs/demo.yaml's policy with DP=2 (one gloo rank on each of mgnode1 and mgnode2, meeting at mgnode1's
