@@ -59,8 +59,14 @@ def test_rollout_server_cmd_renders_and_is_validated() -> None:
     script = render_sbatch(job_spec(cfg, config_path="/c.yaml", run_dir="/r", workdir="/w"))
     assert "\n     megaent serve --model /m/tiny --host 0.0.0.0 --port 31000 &\n" in script
     assert "--url" not in script and "sglang" not in script
-    # The server is a world of its own, away from the trainer's rendezvous (MASTER_ADDR = first training node).
-    assert "MASTER_ADDR=127.0.0.1 MASTER_PORT=31001 \\\nsrun --nodes=1" in script
+    # Each server is a world of one, away from the trainer's rendezvous (MASTER_ADDR = first training node) and
+    # from the other servers (Slurm numbers the tasks of the server step 0..M-1).
+    assert "MASTER_ADDR=127.0.0.1 MASTER_PORT=31001 RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 \\\nsrun --nodes=1" in script
+    from megaent.parallel.launch import read_launch_env
+
+    world = dict(kv.split("=") for kv in "MASTER_ADDR=127.0.0.1 MASTER_PORT=31001 RANK=0 WORLD_SIZE=1".split())
+    env = read_launch_env({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "mgnode[2-3]", **world})
+    assert (env.rank, env.world_size, env.master_addr) == (0, 1, "127.0.0.1")
     default = load_config(DEMO, ["model.path=/m/tiny", "slurm.gpus_per_node=0", "slurm.tasks_per_node=1",
                                  "slurm.rollout_nodes=1"])
     assert "python -m megaent.cli serve --model /m/tiny" in render_sbatch(

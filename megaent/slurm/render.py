@@ -203,6 +203,16 @@ def rollout_server_cmd(spec: JobSpec) -> str:
             f"--port {spec.rollout_port}")
 
 
+def server_world(spec: JobSpec) -> str:
+    """Environment that makes each rollout server a world of one on its own node's loopback.
+
+    megaent.parallel.launch prefers RANK/WORLD_SIZE over Slurm's variables, so on CPU (where the server is `megaent
+    serve`, one task per node) those are set too; SGLang on GPUs sets up its own process groups and gets only the
+    rendezvous address (its use of RANK/WORLD_SIZE is not tested here)."""
+    env = f"MASTER_ADDR=127.0.0.1 MASTER_PORT={spec.rollout_port + 1}"
+    return env if spec.gpus_per_node else f"{env} RANK=0 WORLD_SIZE=1 LOCAL_RANK=0"
+
+
 def rollout_block(spec: JobSpec) -> str:
     """Start the servers on the last M nodes, record their URLs, wait for health, build the overrides."""
     if not spec.rollout_nodes:
@@ -214,9 +224,9 @@ def rollout_block(spec: JobSpec) -> str:
         f"# servers and the trainer through the environment (SGLangClient sends it as a Bearer token).\n"
         f"MEGAENT_API_KEY=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n')\n"
         f"export MEGAENT_API_KEY\n"
-        f"# Each server is a world of its own on its node: without its own MASTER_ADDR/PORT, `megaent serve` (a\n"
-        f"# one-task Slurm step) would join the trainer's rendezvous on the first node and wait there for ever.\n"
-        f"MASTER_ADDR=127.0.0.1 MASTER_PORT={spec.rollout_port + 1} \\\n"
+        f"# Each server is a world of its own on its node: with the job's MASTER_ADDR/PORT and Slurm ranks, `megaent\n"
+        f"# serve` would join the trainer's rendezvous on the first node (or the other servers') and wait for ever.\n"
+        f"{server_world(spec)} \\\n"
         f"srun --nodes={m} --ntasks={m} --ntasks-per-node=1 --nodelist=\"$ROLLOUT_NODES\"{gpus} \\\n"
         f"     --output=\"$RUN_DIR/logs/%j-rollout-%N.log\" --open-mode=append \\\n"
         f"     {rollout_server_cmd(spec)} &\n"
