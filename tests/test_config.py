@@ -120,7 +120,7 @@ BAD = {
     "algorithm.target_entropy": "0", "algorithm.target_entropy_schedule": "step",
     "algorithm.target_entropy_final": "-1", "algorithm.entropy_controller_ratio_min": "0",
     "algorithm.entropy_controller_ratio_max": "0.5", "algorithm.entropy_controller_ki": "-1",
-    "algorithm.entropy_controller_kp": "-1",
+    "algorithm.entropy_controller_kp": "-1", "algorithm.entropy_controller_signal": "guess",
     "optimizer.lr": "inf", "optimizer.weight_decay": "-1", "optimizer.beta1": "1.0", "optimizer.beta2": "-0.1",
     "optimizer.eps": "0", "optimizer.grad_clip": "-1", "optimizer.warmup_steps": "-1", "optimizer.schedule": "step",
     "optimizer.min_lr_ratio": "2", "optimizer.distributed_optimizer": "maybe",

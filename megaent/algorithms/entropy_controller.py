@@ -7,8 +7,9 @@ so entropy falls more slowly (or rises). This controller picks the fraction each
 
 Control law (a velocity-form PI controller on u = log(ratio), clamped to [log ratio_min, log ratio_max]).
 At step t, with H_t the policy's token-mean entropy on the step's rollout batch (before the update),
-dH_t the step's predicted entropy change under the ratio it used (the exact -mean Cov of
-`megaent.ops.entropy_change`, or any estimate of it), T(t) the target:
+dH_t the step's entropy change under the ratio it used (`algorithm.entropy_controller_signal`: measured
+on the probe's positions, the default, or predicted by the exact -mean Cov of `megaent.ops.entropy_change`,
+to first or second order), T(t) the target:
 
     e_t   = (T(t+1) - (H_t + dH_t)) / T(t+1)                 relative error of the forecast entropy
     r_t   = ((T(t+1) - T(t)) - dH_t) / T(t+1)                 how much faster entropy falls than the target

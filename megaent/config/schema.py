@@ -168,8 +168,14 @@ class AlgorithmConfig(LossConfig):
     """Rollout rounds allowed to fill a filtered batch."""
     target_entropy: Optional[float] = None
     """Entropy controller (`megaent.algorithms.entropy_controller`): target token-mean entropy in nats; each step
-    it sets KL-Cov's kl_cov_ratio or Clip-Cov's clip_cov_ratio (the starting value) from the probe's predicted
-    dH. Needs policy_loss kl_cov/clip_cov and trainer.dynamics_every=1; null = off (fixed ratio)."""
+    it sets KL-Cov's kl_cov_ratio or Clip-Cov's clip_cov_ratio (the starting value) from the probe's entropy
+    change (entropy_controller_signal). Needs policy_loss kl_cov/clip_cov and trainer.dynamics_every=1;
+    null = off (fixed ratio)."""
+    entropy_controller_signal: Literal["measured", "second_order", "first_order"] = "measured"
+    """Which entropy change of the step the controller reads, all on the probe's positions: the measured one
+    (H_new - H_old, exact), or the prediction -Cov(log pi, dz) to first order / plus the second-order term.
+    The predictions hold for small steps only: on the CPU demo (8 Adam steps of lr 2e-4 per RL step) the
+    first-order sign agreed on about half the late steps and steered the ratio the wrong way."""
     target_entropy_schedule: Literal["constant", "linear", "cosine"] = "constant"
     """Target over the run: constant, or from target_entropy at step 1 to target_entropy_final at trainer.steps."""
     target_entropy_final: Optional[float] = None

@@ -116,7 +116,7 @@ class Trainer:
         t0 = time.monotonic()
         if self.prefetch is not None:  # rollout.async_steps: made during the last update (or now, at the start)
             batch = self.prefetch.take(step)
-            if self.prompts is not None and batch.prompt_state is not None:
+            if batch.prompt_state is not None:
                 self.prompts.load_state_dict(batch.prompt_state)  # rank 0's thread drew the prompts
             if step < self.cfg.trainer.steps:
                 self.prefetch.start(step + 1)  # sampled from the weights served now, while this step updates
@@ -312,8 +312,10 @@ class Trainer:
                                 "time/probe_s": exact["probe_time_s"]})
         if self.controller is not None:  # validate() guarantees the probe ran this step
             metrics[f"controller/{self.controller.knob}_used"] = self.controller.ratio
-            metrics.update(self.controller.update(step=step, entropy=before["entropy/mean"],
-                                                  pred_dH=metrics["dynamics/exact_pred_dH"]))
+            signal = cfg.algorithm.entropy_controller_signal
+            dH = {"measured": metrics["dynamics/exact_dH"], "first_order": metrics["dynamics/exact_pred_dH"],
+                  "second_order": metrics["dynamics/exact_pred_dH"] + metrics["dynamics/exact_second"]}[signal]
+            metrics.update(self.controller.update(step=step, entropy=before["entropy/mean"], pred_dH=dH))
         return metrics
 
     def _consistency(self, old: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
