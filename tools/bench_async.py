@@ -1,6 +1,7 @@
 """Asynchronous vs synchronous RL steps on CPU, rollouts from `megaent serve` processes.
 
-    python tools/bench_async.py [--steps 6 --prompts 16 --samples 16 --new-tokens 16 --servers 1 --rounds 2]
+    python tools/bench_async.py [--steps 6 --prompts 16 --samples 16 --new-tokens 16 --servers 1 --rounds 2
+                                 --weight-sync disk|distributed]
 
 Starts `--servers` `megaent serve` subprocesses (one intra-op thread each) on the demo's warmed tiny policy
 and runs `megaent train` in this process (one thread) against them, alternating `--rounds` times a synchronous
@@ -40,7 +41,7 @@ def run_once(policy: str, urls: list[str], run_dir: Path, a: argparse.Namespace,
         f"rollout.max_new_tokens={a.new_tokens}", "rollout.ignore_eos=true", "trainer.checkpoint_every=0",
         "trainer.quiet=true", "trainer.dynamics_every=0", "rollout.engine=http",
         f"rollout.urls=[{','.join(urls)}]", f"rollout.async_steps={async_steps}", f"trainer.run_dir={run_dir}",
-        "trainer.threads=1"])
+        "trainer.threads=1", f"rollout.weight_sync={a.weight_sync}"])
     assert train(cfg) == 0, f"training run {run_dir} failed"
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
 
@@ -53,6 +54,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=16, help="tokens per sample (EOS ignored)")
     p.add_argument("--servers", type=int, default=1)
     p.add_argument("--rounds", type=int, default=2, help="sync/async run pairs, alternated")
+    p.add_argument("--weight-sync", default="disk", choices=["disk", "distributed"], help="rollout.weight_sync")
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -64,6 +66,7 @@ def main() -> None:
     from megaent.rollout.launcher import launch_megaent
     from megaent.trainer.components import demo_policy_dir
 
+    load_start = os.getloadavg()[0]
     c = Config()
     policy = str(warmup_policy(demo_policy_dir("arith", 0, digits=c.data.task_max_digits,
                                                steps=c.model.demo_warmup_steps),
@@ -93,6 +96,7 @@ def main() -> None:
     async_update = med(1, lambda m: m["time/step_s"] - m["time/rollout_s"] - m["time/prefetch_wait_s"])
     sync_train = med(0, lambda m: m["time/train_s"])
     async_train = med(1, lambda m: m["time/train_s"])
+    async_wait = med(1, lambda m: m["time/prefetch_wait_s"] + m["time/rollout_s"])  # the rollout not hidden
     weight_sync = med(0, lambda m: m["time/step_s"] - m["time/rollout_s"] - m["time/train_s"])
     staleness = sorted({row["rollout/staleness"] for run in runs[1] for row in run[1:]})
     rows = [("async step / max(gen, update)", async_step, max(gen, update)),
@@ -102,15 +106,18 @@ def main() -> None:
             ("async update / sync update", async_update, update),
             ("async train / sync train (no sync)", async_train, sync_train),
             ("sync: weight sync / update", weight_sync, update)]
+    print(f"load average (1 min) {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     print(f"{'name':40s} {'ours':>9s} {'ref':>9s} {'ratio':>7s}")
     for name, ours, ref in rows:
         print(f"{name:40s} {ours:9.3f} {ref:9.3f} {ours / ref:7.3f}")
     print(json.dumps({"bench": "async_rollout", "steps": a.steps, "prompts": a.prompts, "samples": a.samples,
                       "new_tokens": a.new_tokens, "servers": a.servers, "rounds": a.rounds,
+                      "weight_sync": a.weight_sync,
                       "gen_s": gen, "update_s": update, "train_s": sync_train,
                       "weight_sync_s": weight_sync, "sync_step_s": sync_step, "async_step_s": async_step,
                       "async_over_max": async_step / max(gen, update), "async_over_sync": async_step / sync_step,
-                      "async_staleness": staleness}))
+                      "async_exposed_rollout_s": async_wait,
+                      "async_staleness": staleness, "load_1min": [load_start, os.getloadavg()[0]]}))
 
 
 if __name__ == "__main__":
