@@ -199,6 +199,21 @@ def test_stream_never_shows_a_stop_string_it_then_cuts(url, http, local, tok):
     assert all(final["text"].startswith(e["text"]) and ch not in e["text"] for e in events)
 
 
+def test_penalties_and_logit_bias_reach_the_engine(url, http, local):
+    """repetition / frequency / presence penalties and logit_bias through /generate decode what the in-process
+    engine decodes with the same SamplingParams (whose penalties tests/test_rollout_penalties.py checks against
+    HF's processors), and they change the answer (else the check would prove nothing)."""
+    kw = dict(max_new_tokens=24, seed=7, ignore_eos=True)
+    pen = dict(repetition_penalty=1.6, frequency_penalty=0.7, presence_penalty=0.4)
+    base = {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 24, "sampling_seed": 7, "ignore_eos": True}}
+    plain = http.post(url + "/generate", json=base).json()["output_ids"]
+    first = plain[0]
+    body = {**base, "sampling_params": {**base["sampling_params"], **pen, "logit_bias": {str(first): -100.0}}}
+    got = http.post(url + "/generate", json=body).json()["output_ids"]
+    want = _sample(local, **kw, **pen, logit_bias={first: -100.0}).output_ids
+    assert got == want and got != plain and first not in got
+
+
 def test_pause_continue_abort_and_weight_version(url, http):
     body = {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 4}, "rid": "held"}
     assert http.post(url + "/pause_generation", json={"mode": "in_place"}).json() == {
