@@ -6,13 +6,16 @@
 # over seeds (curves.png, with predicted vs measured entropy change per step), fits the entropy-performance law to
 # the GRPO runs (entropy_law.png) and prints each GRPO run's predicted-vs-measured dH correlations.
 # Usage: bash tools/demo.sh [OUT_DIR] [key=value ...]   (extra overrides go to every run)
-#   DEMO_SEEDS="0 1 2" (seeds per method), DEMO_JOBS=2 (runs at a time; one CPU core each)
+#   DEMO_SEEDS="0 1 2" (seeds per method), DEMO_JOBS=2 (runs at a time; one CPU core each),
+#   DEMO_CONTROLLER=1 adds KL-Cov steered by the entropy controller (configs/demo_controller.yaml; ~+3 min)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/demo}
 shift || true
 seeds=${DEMO_SEEDS:-0 1 2}
 jobs=${DEMO_JOBS:-2}
+methods="grpo clip_cov kl_cov"
+[ "${DEMO_CONTROLLER:-0}" = 1 ] && methods="$methods controller"
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$out"
 start=$SECONDS
@@ -49,10 +52,10 @@ run_one() {  # name config seed [overrides]: one run, its log in OUT_DIR/NAME_se
   fi
 }
 
-echo "== RL: grpo, clip_cov, kl_cov x seeds {$seeds}, $jobs at a time (logs: $out/*.log)"
+echo "== RL: {$methods} x seeds {$seeds}, $jobs at a time (logs: $out/*.log)"
 rm -f "$out"/*.failed
 for seed in $seeds; do
-  for name in grpo clip_cov kl_cov; do
+  for name in $methods; do
     cfg=configs/demo.yaml
     [ "$name" != grpo ] && cfg=configs/demo_${name}.yaml
     while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n || true; done
@@ -64,7 +67,7 @@ if ls "$out"/*.failed > /dev/null 2>&1; then echo "demo: some runs failed (see a
 echo "   all runs done ($((SECONDS - start)) s)"
 
 runs=()
-for name in grpo clip_cov kl_cov; do for seed in $seeds; do runs+=("$out/${name}_seed$seed"); done; done
+for name in $methods; do for seed in $seeds; do runs+=("$out/${name}_seed$seed"); done; done
 megaent plot "${runs[@]}" --out "$out/curves.png" > /dev/null
 grpo_runs=()
 for seed in $seeds; do grpo_runs+=("$out/grpo_seed$seed"); done
