@@ -110,7 +110,7 @@ BAD = {
     "rollout.top_p": "1.5", "rollout.top_k": "0", "rollout.max_new_tokens": "0", "rollout.ignore_eos": "maybe",
     "rollout.request_timeout_s": "-1",
     "rollout.weight_sync": "ftp", "rollout.sglang_mem_fraction": "1.0", "rollout.sglang_tp": "0",
-    "rollout.colocate": "maybe", "rollout.async_steps": "2",
+    "rollout.colocate": "maybe", "rollout.async_steps": "2", "rollout.async_old_logprobs": "proximal",
     "algorithm.policy_loss": "dpo", "algorithm.clip_ratio_low": "1.5", "algorithm.clip_ratio_high": "-0.1",
     "algorithm.dual_clip_c": "1.0", "algorithm.clip_cov_ratio": "0.5", "algorithm.clip_cov_lb": "9",
     "algorithm.clip_cov_ub": "0.5", "algorithm.kl_cov_ratio": "0", "algorithm.kl_cov_coef": "-1",

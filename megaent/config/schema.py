@@ -119,7 +119,10 @@ class RolloutConfig:
     (/release_memory_occupation) and resumes it around the weight sync (weights, sync, KV cache)."""
     async_steps: int = 0
     """Generation runs this many steps ahead of the update (0 = synchronous, 1 = step k+1's rollouts are sampled
-    from the weights before step k's update while it runs; the ratio uses the sampler's log-probs)."""
+    from the weights before step k's update while it runs)."""
+    async_old_logprobs: Literal["behaviour", "recompute"] = "behaviour"
+    """With async_steps: the PPO ratio's old log-probs are the sampler's (behaviour: the ratio sees and clips the
+    one-update staleness) or the learner's own before this step's update (recompute: as in a synchronous step)."""
 
 
 @dataclass

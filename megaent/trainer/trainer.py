@@ -254,7 +254,8 @@ class Trainer:
         cfg, st, t = self.cfg, self.state, self.cfg.trainer
         temp = cfg.rollout.temperature
         loss_cfg = components.controlled_loss(cfg.algorithm, self.controller)  # this step's k / r
-        behaviour = cfg.rollout.async_steps > 0  # the sampler's log-probs are the old ones (async_rollout)
+        # rollout.async_old_logprobs=behaviour: the sampler's log-probs are the old ones (trainer/async_rollout.py)
+        behaviour = cfg.rollout.async_steps > 0 and cfg.rollout.async_old_logprobs == "behaviour"
         if behaviour:
             for s in mine:
                 s.old_logprobs = torch.tensor(self._rollout_lps[s.uid], dtype=torch.float32, device="cpu")
